@@ -9,7 +9,16 @@ from importlib import resources
 
 KNOWN_FORMATS = frozenset(
     f"{base}{suffix}"
-    for base in ("mibeacon_v2", "mibeacon_v3", "mibeacon_v4", "mibeacon_v5", "atc1441", "pvvx", "bthome_v1", "bthome_v2")
+    for base in (
+        "mibeacon_v2",
+        "mibeacon_v3",
+        "mibeacon_v4",
+        "mibeacon_v5",
+        "atc1441",
+        "pvvx",
+        "bthome_v1",
+        "bthome_v2",
+    )
     for suffix in ("", "_enc")
 )
 KNOWN_MEASURES = frozenset({"temperature", "humidity", "battery", "illuminance", "moisture", "conductivity"})
@@ -34,8 +43,15 @@ class CatalogueError(ValueError):
 
 def _validate(entry: dict, index: int) -> DeviceInfo:
     where = f"devices.toml entry {index + 1} ({entry.get('model', '?')})"
-    required = {"product_id": int, "model": str, "name": str, "manufacturer": str, "measures": list,
-                "formats": list, "stock_encrypted": bool}
+    required = {
+        "product_id": int,
+        "model": str,
+        "name": str,
+        "manufacturer": str,
+        "measures": list,
+        "formats": list,
+        "stock_encrypted": bool,
+    }
     for key, typ in required.items():
         if not isinstance(entry.get(key), typ):
             raise CatalogueError(f"{where}: field {key!r} missing or not {typ.__name__}")
@@ -51,9 +67,14 @@ def _validate(entry: dict, index: int) -> DeviceInfo:
     if bad:
         raise CatalogueError(f"{where}: unknown measures {sorted(bad)}")
     return DeviceInfo(
-        product_id=entry["product_id"], model=entry["model"], name=entry["name"],
-        manufacturer=entry["manufacturer"], measures=tuple(entry["measures"]), formats=tuple(entry["formats"]),
-        stock_encrypted=entry["stock_encrypted"], custom_firmware=entry.get("custom_firmware"),
+        product_id=entry["product_id"],
+        model=entry["model"],
+        name=entry["name"],
+        manufacturer=entry["manufacturer"],
+        measures=tuple(entry["measures"]),
+        formats=tuple(entry["formats"]),
+        stock_encrypted=entry["stock_encrypted"],
+        custom_firmware=entry.get("custom_firmware"),
         notes=entry.get("notes"),
     )
 

@@ -19,7 +19,10 @@ _NO_KEY: KeySlot = (None, None)
 
 def _b_parasite(payload: bytes, mac: str, mac_le: bytes, key: Bindkey | None, err: str | None) -> Reading:
     return Reading(
-        mac=mac, service_uuid=CUSTOM_181A, format="b_parasite", model="b-parasite",
+        mac=mac,
+        service_uuid=CUSTOM_181A,
+        format="b_parasite",
+        model="b-parasite",
         error=DecodeError(ErrorCode.UNSUPPORTED, "b-parasite plant sensor payload on 0x181A: not a thermometer format"),
     )
 
@@ -44,7 +47,8 @@ def _custom(payload: bytes, mac: str, mac_le: bytes, key: Bindkey | None, err: s
     fn = CUSTOM_BY_LENGTH.get(len(payload))
     if fn is None:
         return Reading(
-            mac=mac, service_uuid=CUSTOM_181A,
+            mac=mac,
+            service_uuid=CUSTOM_181A,
             error=DecodeError(
                 ErrorCode.UNSUPPORTED,
                 f"{len(payload)}-byte payload on 0x181A matches no known format "
@@ -125,16 +129,22 @@ class Decoder:
             self._macs[mac] = a
         return a
 
-    def decode(self, mac: str, service_uuid: int | str, payload: bytes | bytearray | memoryview,
-               key: str | None = None) -> Reading:
+    def decode(
+        self, mac: str, service_uuid: int | str, payload: bytes | bytearray | memoryview, key: str | None = None
+    ) -> Reading:
         """Decode one service-data payload (the bytes after the UUID) sent by ``mac``.
 
         ``key`` overrides the stored key for this one call. Never raises for bad input: problems are
         returned as ``Reading.error``."""
         addr = self._address(mac)
         if addr is None:
-            return Reading(mac=str(mac), service_uuid=-1, error=DecodeError(
-                ErrorCode.MALFORMED, f"{mac!r} is not a Bluetooth address (expected AA:BB:CC:DD:EE:FF)"))
+            return Reading(
+                mac=str(mac),
+                service_uuid=-1,
+                error=DecodeError(
+                    ErrorCode.MALFORMED, f"{mac!r} is not a Bluetooth address (expected AA:BB:CC:DD:EE:FF)"
+                ),
+            )
         display, mac_le = addr
         if type(service_uuid) is not int:
             try:
@@ -143,15 +153,23 @@ class Decoder:
                 return Reading(mac=display, service_uuid=-1, error=DecodeError(ErrorCode.UNSUPPORTED, str(e)))
         fn = BY_UUID.get(service_uuid)  # type: ignore[arg-type]
         if fn is None:
-            return Reading(mac=display, service_uuid=service_uuid,  # type: ignore[arg-type]
-                           error=DecodeError(ErrorCode.UNSUPPORTED, f"service UUID 0x{service_uuid:04X} "
-                                             "is not a thermometer format mitherm knows"))
+            return Reading(
+                mac=display,
+                service_uuid=service_uuid,  # type: ignore[arg-type]
+                error=DecodeError(
+                    ErrorCode.UNSUPPORTED,
+                    f"service UUID 0x{service_uuid:04X} is not a thermometer format mitherm knows",
+                ),
+            )
         if type(payload) is not bytes:
             try:
                 payload = bytes(payload)
             except (TypeError, ValueError):
-                return Reading(mac=display, service_uuid=service_uuid,  # type: ignore[arg-type]
-                               error=DecodeError(ErrorCode.MALFORMED, "payload is not bytes"))
+                return Reading(
+                    mac=display,
+                    service_uuid=service_uuid,  # type: ignore[arg-type]
+                    error=DecodeError(ErrorCode.MALFORMED, "payload is not bytes"),
+                )
         k, kerr = self._keys.get(display, _NO_KEY) if key is None else key_slot(key)
         return fn(payload, display, mac_le, k, kerr)
 

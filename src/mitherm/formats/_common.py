@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from decimal import Decimal
 import struct
+from decimal import Decimal
 
 from ..model import Value
 

@@ -59,20 +59,36 @@ def _key_problem(key: Bindkey | None, key_error: str | None, mac: str) -> Decode
     if key is None:
         if key_error:
             return DecodeError(ErrorCode.BAD_KEY, key_error)
-        return DecodeError(ErrorCode.NO_KEY, f"encrypted custom-firmware beacon: the firmware's bindkey for {mac} is needed")
+        return DecodeError(
+            ErrorCode.NO_KEY, f"encrypted custom-firmware beacon: the firmware's bindkey for {mac} is needed"
+        )
     if len(key.raw) != 16:
         return DecodeError(ErrorCode.BAD_KEY, "custom firmware beacons need a 32-hex-digit bindkey")
     return None
 
 
-def encode_plain(mac_le: bytes, temperature_c: float, humidity_pct: float, battery_pct: int,
-                 voltage_v: float, counter: int) -> bytes:
-    return PLAIN.pack(mac_le[::-1], round(temperature_c * 10), round(humidity_pct), battery_pct,
-                      round(voltage_v * 1000), counter & 0xFF)
+def encode_plain(
+    mac_le: bytes, temperature_c: float, humidity_pct: float, battery_pct: int, voltage_v: float, counter: int
+) -> bytes:
+    return PLAIN.pack(
+        mac_le[::-1],
+        round(temperature_c * 10),
+        round(humidity_pct),
+        battery_pct,
+        round(voltage_v * 1000),
+        counter & 0xFF,
+    )
 
 
-def encode_encrypted(mac_le: bytes, key: Bindkey, temperature_c: float, humidity_pct: float,
-                     battery_pct: int, counter: int, trigger: int = 0) -> bytes:
+def encode_encrypted(
+    mac_le: bytes,
+    key: Bindkey,
+    temperature_c: float,
+    humidity_pct: float,
+    battery_pct: int,
+    counter: int,
+    trigger: int = 0,
+) -> bytes:
     t = max(0, min(255, round((temperature_c + 40) * 2)))
     h = max(0, min(255, round(humidity_pct * 2)))
     plain = bytes([t, h, (battery_pct & 0x7F) | (trigger & 1) << 7])

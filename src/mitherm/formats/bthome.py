@@ -309,11 +309,17 @@ def decode_v2(payload: bytes, mac: str, mac_le: bytes, key: Bindkey | None, key_
     return r
 
 
-def decode_v1(payload: bytes, mac: str, mac_le: bytes, key: Bindkey | None, key_error: str | None,
-              uuid: int) -> Reading:
+def decode_v1(
+    payload: bytes, mac: str, mac_le: bytes, key: Bindkey | None, key_error: str | None, uuid: int
+) -> Reading:
     encrypted = uuid == BTHOME_V1_ENC
-    r = Reading(mac=mac, service_uuid=uuid, format="bthome_v1_enc" if encrypted else "bthome_v1",
-                model="BTHome", encrypted=encrypted)
+    r = Reading(
+        mac=mac,
+        service_uuid=uuid,
+        format="bthome_v1_enc" if encrypted else "bthome_v1",
+        model="BTHome",
+        encrypted=encrypted,
+    )
     n = len(payload)
     if not encrypted:
         r.error = _walk_v1(payload, 0, n, r, strict=False)
@@ -372,10 +378,21 @@ def encode_object(name_or_id: str | int, value: Value) -> bytes:
     return bytes([oid, *parts])
 
 
-def encode_v2(objects: Sequence[bytes], *, mac_le: bytes, key: Bindkey | None = None, counter: int = 0,
-              include_mac: bool = False, trigger_based: bool = False) -> bytes:
-    info = 0x40 | (INFO_ENCRYPTED if key else 0) | (INFO_MAC if include_mac else 0) | (
-        INFO_TRIGGER if trigger_based else 0)
+def encode_v2(
+    objects: Sequence[bytes],
+    *,
+    mac_le: bytes,
+    key: Bindkey | None = None,
+    counter: int = 0,
+    include_mac: bool = False,
+    trigger_based: bool = False,
+) -> bytes:
+    info = (
+        0x40
+        | (INFO_ENCRYPTED if key else 0)
+        | (INFO_MAC if include_mac else 0)
+        | (INFO_TRIGGER if trigger_based else 0)
+    )
     head = bytes([info]) + (mac_le if include_mac else b"")
     body = b"".join(objects)
     if key is None:

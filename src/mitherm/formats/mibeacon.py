@@ -71,8 +71,9 @@ OBJECTS: dict[int, ObjectSpec] = {
     0x4C03: _o(1, ("battery_pct", "B")),
     0x4C08: _o(4, ("humidity_pct", "f")),
     0x000A: _o(2, ("body_temperature_c", "h", 0.01), note="MMC-W505"),
-    0x2000: _o(5, ("skin_temperature_c", "h", 0.01), ("pcb_temperature_c", "h", 0.01), ("battery_pct", "B"),
-               note="MMC-T201-1"),
+    0x2000: _o(
+        5, ("skin_temperature_c", "h", 0.01), ("pcb_temperature_c", "h", 0.01), ("battery_pct", "B"), note="MMC-T201-1"
+    ),
     0x5403: _o(1, ("battery_pct", "B"), note="MJZNZ018H (ble_monitor)"),
     0x605D: _o(1, ("temperature_c", "B"), note="PTX-F1 display (ble_monitor)"),
     0x6012: _o(1, ("humidity_pct", "B"), note="PTX-F1 display (ble_monitor)"),
@@ -108,8 +109,13 @@ def _compile(spec: ObjectSpec) -> _Compiled:
         unpack = st.unpack_from
         pack = st.pack
     return _Compiled(
-        spec.length, unpack, names, tuple(f.scale for f in spec.fields),
-        tuple(ndigits_for(f.scale) for f in spec.fields), tuple(f.fmt == "f" for f in spec.fields), pack,
+        spec.length,
+        unpack,
+        names,
+        tuple(f.scale for f in spec.fields),
+        tuple(ndigits_for(f.scale) for f in spec.fields),
+        tuple(f.fmt == "f" for f in spec.fields),
+        pack,
     )
 
 
@@ -141,9 +147,7 @@ def encode_object(oid: int, *values: float) -> bytes:
     return struct.pack("<HB", oid, c.length) + c.pack(*raw)
 
 
-def _walk_objects(
-    data: bytes, start: int, end: int, reading: Reading, strict: bool
-) -> DecodeError | None:
+def _walk_objects(data: bytes, start: int, end: int, reading: Reading, strict: bool) -> DecodeError | None:
     """Walk ``id len data`` objects. Plain frames keep the objects before a cut-off one (truncated);
     decrypted frames are all or nothing (strict)."""
     values = reading.values
@@ -170,9 +174,7 @@ def _walk_objects(
         objects.append((oid, chunk))
         c = _COMPILED.get(oid)
         if c is not None and c.length != olen and strict:
-            return DecodeError(
-                ErrorCode.MALFORMED, f"object 0x{oid:04X} has length {olen}, expected {c.length}"
-            )
+            return DecodeError(ErrorCode.MALFORMED, f"object 0x{oid:04X} has length {olen}, expected {c.length}")
         object_values(oid, chunk, values)
         i = j
     return None

@@ -69,16 +69,36 @@ def decode_encrypted(payload: bytes, mac: str, mac_le: bytes, key: Bindkey | Non
     return r
 
 
-def encode_plain(mac_le: bytes, temperature_c: float, humidity_pct: float, battery_pct: int,
-                 voltage_v: float, counter: int, flags: int | None = 0) -> bytes:
-    args = (mac_le, round(temperature_c * 100), round(humidity_pct * 100), round(voltage_v * 1000),
-            battery_pct, counter & 0xFF)
+def encode_plain(
+    mac_le: bytes,
+    temperature_c: float,
+    humidity_pct: float,
+    battery_pct: int,
+    voltage_v: float,
+    counter: int,
+    flags: int | None = 0,
+) -> bytes:
+    args = (
+        mac_le,
+        round(temperature_c * 100),
+        round(humidity_pct * 100),
+        round(voltage_v * 1000),
+        battery_pct,
+        counter & 0xFF,
+    )
     if flags is None:
         return PLAIN_NOFLAGS.pack(*args)
     return PLAIN.pack(*args, flags)
 
 
-def encode_encrypted(mac_le: bytes, key: Bindkey, temperature_c: float, humidity_pct: float,
-                     battery_pct: int, counter: int, flags: int = 0) -> bytes:
+def encode_encrypted(
+    mac_le: bytes,
+    key: Bindkey,
+    temperature_c: float,
+    humidity_pct: float,
+    battery_pct: int,
+    counter: int,
+    flags: int = 0,
+) -> bytes:
     plain = SEALED.pack(round(temperature_c * 100), round(humidity_pct * 100), battery_pct, flags)
     return seal(plain, counter, mac_le, key)

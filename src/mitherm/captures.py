@@ -1,0 +1,598 @@
+"""Reading and writing captures: btsnoop files (Android ``btsnoop_hci.log``, ``btmon -w``) and mitherm's
+own JSON Lines captures. Everything comes out as :class:`mitherm.model.Advertisement`.
+
+btsnoop
+    All headers are big-endian. File header: magic ``btsnoop\\0``, version (1), datalink. Record header:
+    original length, included length, flags, cumulative drops, timestamp (µs since 0000-01-01). Datalinks
+    read: 1001 (unencapsulated HCI; a record is a received event when ``flags & 3 == 3``), 1002 (HCI H4;
+    the first data byte is the packet type, 0x04 = event) and 2001 (BlueZ monitor; ``flags`` is
+    ``(controller_index << 16) | opcode``, opcode 3 = event). Only LE Meta events carrying legacy (0x02)
+    or extended (0x0D) advertising reports become Advertisements; everything else is skipped.
+
+mitherm JSON Lines
+    One JSON object per line::
+
+        {"time": 1718000000.123456, "mac": "A4:C1:38:12:34:56", "address_type": "public",
+         "rssi": -67, "name": "ATC_123456", "service_data": {"181a": "a4c138..."},
+         "manufacturer_data": {"911": "0102"}, "source": "hci0"}
+
+    ``time`` is Unix seconds (float); ``service_data`` keys are 16-bit service UUIDs as 4 lowercase hex
+    digits, values the payload after the UUID in hex; ``manufacturer_data`` keys are the company id as a
+    *decimal* string (``"911"`` = 0x038F Xiaomi), values the bytes after the company id in hex.
+    ``address_type``, ``rssi`` and ``name`` may be null. When reading, service-data keys may also be
+    spelled ``"0xFE95"``, ``"FE95"`` or as a full Bluetooth-base 128-bit UUID, and manufacturer keys as
+    ``"0x038f"``; blank lines are skipped.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import struct
+import sys
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import IO, Any, Literal
+
+from mitherm.mac import InvalidMac, mac_from_le, mac_to_le, normalize_mac
+from mitherm.model import Advertisement
+from mitherm.uuids import InvalidUuid, parse_service_uuid
+
+__all__ = [
+    "BTSNOOP_MAGIC",
+    "CaptureError",
+    "JsonlWriter",
+    "build_ad_structures",
+    "build_le_adv_report",
+    "parse_ad_structures",
+    "parse_hci_event",
+    "read_btsnoop",
+    "read_capture",
+    "read_jsonl",
+    "write_btsnoop",
+    "write_jsonl_line",
+]
+
+
+class CaptureError(ValueError):
+    """A capture file that cannot be read (wrong format, bad line)."""
+
+
+PathOrFile = str | os.PathLike[str] | IO[bytes] | IO[str]
+
+# --------------------------------------------------------------------------------------------------
+# AD structures
+
+AD_FLAGS = 0x01
+AD_SHORT_NAME = 0x08
+AD_COMPLETE_NAME = 0x09
+AD_SERVICE_DATA_16 = 0x16
+AD_SERVICE_DATA_32 = 0x20
+AD_SERVICE_DATA_128 = 0x21
+AD_MANUFACTURER = 0xFF
+
+# Bluetooth base UUID 0000xxxx-0000-1000-8000-00805F9B34FB as it appears over the air (little-endian):
+# the 12 fixed low bytes, then the 32-bit value.
+_BASE_UUID_LE_TAIL = bytes.fromhex("fb349b5f8000008000100000")
+
+_U16 = struct.Struct("<H")
+_U32 = struct.Struct("<I")
+
+
+def parse_ad_structures(data: bytes) -> tuple[dict[int, bytes], dict[int, bytes], str | None]:
+    """Walk the AD structures of advertising data: ``(service_data, manufacturer_data, name)``.
+
+    ``service_data`` maps the 16-bit UUID to the payload after it (32- and 128-bit service data count
+    only when the UUID is a Bluetooth-base UUID with a 16-bit value). The complete local name wins over
+    the shortened one. A truncated last structure is ignored; zero-length structures (padding) skipped."""
+    service: dict[int, bytes] = {}
+    manufacturer: dict[int, bytes] = {}
+    complete_name: bytes | None = None
+    short_name: bytes | None = None
+    i = 0
+    n = len(data)
+    while i < n:
+        length = data[i]
+        if length == 0:  # padding (some stacks zero-fill to 31 bytes)
+            i += 1
+            continue
+        end = i + 1 + length
+        if end > n:  # truncated last structure
+            break
+        ad_type = data[i + 1]
+        if ad_type == AD_SERVICE_DATA_16:
+            if length >= 3:
+                service[data[i + 2] | (data[i + 3] << 8)] = bytes(data[i + 4 : end])
+        elif ad_type == AD_MANUFACTURER:
+            if length >= 3:
+                manufacturer[data[i + 2] | (data[i + 3] << 8)] = bytes(data[i + 4 : end])
+        elif ad_type == AD_COMPLETE_NAME:
+            complete_name = bytes(data[i + 2 : end])
+        elif ad_type == AD_SHORT_NAME:
+            short_name = bytes(data[i + 2 : end])
+        elif ad_type == AD_SERVICE_DATA_32:
+            if length >= 5:
+                (uuid32,) = _U32.unpack_from(data, i + 2)
+                if uuid32 <= 0xFFFF:
+                    service[uuid32] = bytes(data[i + 6 : end])
+        elif (
+            ad_type == AD_SERVICE_DATA_128
+            and length >= 17
+            and data[i + 2 : i + 14] == _BASE_UUID_LE_TAIL
+            and data[i + 16] == 0
+            and data[i + 17] == 0
+        ):
+            service[data[i + 14] | (data[i + 15] << 8)] = bytes(data[i + 18 : end])
+        i = end
+    raw_name = complete_name if complete_name is not None else short_name
+    name = None if raw_name is None else raw_name.rstrip(b"\0").decode("utf-8", errors="replace")
+    return service, manufacturer, name
+
+
+def build_ad_structures(
+    service_data: Mapping[int, bytes],
+    manufacturer_data: Mapping[int, bytes] | None = None,
+    name: str | None = None,
+    flags: int | None = 0x06,
+) -> bytes:
+    """Advertising data for the given values (the inverse of :func:`parse_ad_structures`).
+
+    ``flags=None`` leaves out the Flags structure. Raises ValueError if a structure exceeds 255 bytes."""
+    out = bytearray()
+
+    def put(ad_type: int, value: bytes) -> None:
+        if len(value) + 1 > 255:
+            raise ValueError(f"AD structure 0x{ad_type:02X} too long ({len(value)} bytes, at most 254)")
+        out.append(len(value) + 1)
+        out.append(ad_type)
+        out.extend(value)
+
+    if flags is not None:
+        put(AD_FLAGS, bytes([flags & 0xFF]))
+    for uuid, payload in service_data.items():
+        put(AD_SERVICE_DATA_16, _U16.pack(uuid) + bytes(payload))
+    for company, payload in (manufacturer_data or {}).items():
+        put(AD_MANUFACTURER, _U16.pack(company) + bytes(payload))
+    if name is not None:
+        put(AD_COMPLETE_NAME, name.encode("utf-8"))
+    return bytes(out)
+
+
+# --------------------------------------------------------------------------------------------------
+# HCI LE advertising reports
+
+HCI_EVENT_LE_META = 0x3E
+LE_ADVERTISING_REPORT = 0x02
+LE_EXTENDED_ADVERTISING_REPORT = 0x0D
+RSSI_UNAVAILABLE = 127
+LEGACY_MAX_DATA = 31
+EXTENDED_MAX_DATA = 229  # one HCI event: 255 parameter bytes - subevent - num_reports - 24-byte header
+
+_ADDRESS_TYPES = {0: "public", 1: "random", 2: "public", 3: "random"}
+_ADDRESS_TYPE_CODES = {"public": 0, "random": 1, None: 0}
+
+# event type, address type, address (LE), data length
+_LEGACY_REPORT = struct.Struct("<BB6sB")
+# event type, address type, address, primary PHY, secondary PHY, SID, TX power, RSSI, periodic interval,
+# direct address type, direct address, data length
+_EXT_REPORT = struct.Struct("<HB6sBBBbbHB6sB")
+
+
+def _rssi(raw: int) -> int | None:
+    return None if raw == RSSI_UNAVAILABLE else raw
+
+
+def _advertisement(
+    addr_le: bytes, addr_type: int, ad: bytes, rssi: int | None, time: float, source: str
+) -> Advertisement:
+    service, manufacturer, name = parse_ad_structures(ad)
+    return Advertisement(
+        mac=mac_from_le(addr_le),
+        time=time,
+        service_data=service,
+        rssi=rssi,
+        name=name,
+        address_type=_ADDRESS_TYPES.get(addr_type),
+        manufacturer_data=manufacturer,
+        source=source,
+    )
+
+
+def parse_hci_event(packet: bytes, time: float, source: str = "") -> list[Advertisement]:
+    """Advertisements in one HCI event (event code first, no H4 packet-type byte).
+
+    Reads LE Meta legacy (0x02) and extended (0x0D) advertising reports, one report after another (the
+    layout every controller and BlueZ use). Other events, and malformed or short packets, give ``[]``."""
+    if len(packet) < 4 or packet[0] != HCI_EVENT_LE_META:
+        return []
+    end = 2 + packet[1]
+    if end > len(packet):
+        return []
+    subevent = packet[2]
+    count = packet[3]
+    pos = 4
+    out: list[Advertisement] = []
+    try:
+        if subevent == LE_ADVERTISING_REPORT:
+            for _ in range(count):
+                _evt, addr_type, addr, length = _LEGACY_REPORT.unpack_from(packet, pos)
+                pos += _LEGACY_REPORT.size
+                if pos + length + 1 > end:
+                    return []
+                ad = packet[pos : pos + length]
+                rssi = _rssi(struct.unpack_from("b", packet, pos + length)[0])
+                pos += length + 1
+                out.append(_advertisement(addr, addr_type, ad, rssi, time, source))
+        elif subevent == LE_EXTENDED_ADVERTISING_REPORT:
+            for _ in range(count):
+                fields = _EXT_REPORT.unpack_from(packet, pos)
+                pos += _EXT_REPORT.size
+                length = fields[11]
+                if pos + length > end:
+                    return []
+                ad = packet[pos : pos + length]
+                pos += length
+                out.append(_advertisement(fields[2], fields[1], ad, _rssi(fields[7]), time, source))
+    except struct.error:  # report header runs past the packet
+        return []
+    return out
+
+
+def build_le_adv_report(
+    mac: str,
+    ad_data: bytes,
+    rssi: int | None,
+    address_type: str | None = "public",
+    extended: bool = False,
+) -> bytes:
+    """An HCI LE Meta event (no H4 byte) with one legacy or extended advertising report."""
+    addr = mac_to_le(mac)
+    try:
+        addr_type = _ADDRESS_TYPE_CODES[address_type]
+    except KeyError:
+        raise ValueError(f"address_type must be 'public' or 'random', not {address_type!r}") from None
+    raw_rssi = RSSI_UNAVAILABLE if rssi is None else rssi
+    if extended:
+        if len(ad_data) > EXTENDED_MAX_DATA:
+            raise ValueError(f"advertising data too long for one report ({len(ad_data)} > 229 bytes)")
+        # event type 0 (complete, non-connectable), 1M primary PHY, no secondary PHY, no SID,
+        # TX power unavailable (127), no periodic advertising, no direct address
+        report = _EXT_REPORT.pack(0, addr_type, addr, 1, 0, 0xFF, 127, raw_rssi, 0, 0, bytes(6), len(ad_data))
+        params = bytes([LE_EXTENDED_ADVERTISING_REPORT, 1]) + report + ad_data
+    else:
+        if len(ad_data) > LEGACY_MAX_DATA:
+            raise ValueError(f"advertising data too long for a legacy report ({len(ad_data)} > 31 bytes)")
+        report = _LEGACY_REPORT.pack(0, addr_type, addr, len(ad_data)) + ad_data
+        params = bytes([LE_ADVERTISING_REPORT, 1]) + report + struct.pack("b", raw_rssi)
+    return bytes([HCI_EVENT_LE_META, len(params)]) + params
+
+
+# --------------------------------------------------------------------------------------------------
+# btsnoop
+
+BTSNOOP_MAGIC = b"btsnoop\0"
+DATALINK_HCI_UNENCAP = 1001
+DATALINK_HCI_H4 = 1002
+DATALINK_BLUEZ_MONITOR = 2001
+#: microseconds from 0000-01-01 to 1970-01-01 in btsnoop's calendar
+BTSNOOP_EPOCH_DELTA_US = 0x00DCDDB30F2F8000
+
+_FILE_HEADER = struct.Struct(">8sII")
+_RECORD_HEADER = struct.Struct(">IIIIq")
+_H4_EVENT = 0x04
+_MONITOR_EVENT = 3
+
+
+def _open_binary(src: PathOrFile) -> tuple[IO[bytes], str, bool]:
+    """(binary file, display name, whether we opened it)."""
+    if isinstance(src, str | os.PathLike):
+        name = os.fspath(src)
+        if name == "-":
+            return sys.stdin.buffer, "<stdin>", False
+        try:
+            return open(name, "rb"), name, True  # closed by the reader
+        except OSError as e:
+            raise CaptureError(f"cannot open capture {name}: {e.strerror or e}") from e
+    f = src
+    if isinstance(f, io.TextIOBase) and hasattr(f, "buffer"):
+        f = f.buffer
+    # a text stream without a buffer (StringIO) stays text: only JSON Lines can be read from it
+    name = getattr(src, "name", None)
+    return f, name if isinstance(name, str) else "<capture>", False  # type: ignore[return-value]
+
+
+def _source_name(name: str) -> str:
+    return Path(name).name if not name.startswith("<") else name
+
+
+def read_btsnoop(path_or_fileobj: PathOrFile, source: str | None = None) -> Iterator[Advertisement]:
+    """Advertisements in a btsnoop file (datalink 1001, 1002 or 2001).
+
+    The header is checked at once (CaptureError for a non-btsnoop file or another datalink); records
+    are read lazily. A truncated last record ends the iteration cleanly. ``source`` defaults to the
+    file name."""
+    f, name, owned = _open_binary(path_or_fileobj)
+    return _open_btsnoop(f, name, owned, source)
+
+
+def _open_btsnoop(f: IO[bytes], name: str, owned: bool, source: str | None) -> Iterator[Advertisement]:
+    try:
+        header = f.read(_FILE_HEADER.size)
+        if len(header) < _FILE_HEADER.size or header[:8] != BTSNOOP_MAGIC:
+            raise CaptureError(
+                f"{name} is not a btsnoop file: expected the magic b'btsnoop\\x00' at the start, found {header[:8]!r}"
+            )
+        _magic, _version, datalink = _FILE_HEADER.unpack(header)
+        if datalink not in (DATALINK_HCI_UNENCAP, DATALINK_HCI_H4, DATALINK_BLUEZ_MONITOR):
+            raise CaptureError(
+                f"{name}: unsupported btsnoop datalink {datalink}: expected 1001 (HCI), 1002 (HCI H4, "
+                "Android) or 2001 (BlueZ monitor, btmon -w)"
+            )
+    except BaseException:
+        if owned:
+            f.close()
+        raise
+    return _btsnoop_records(f, owned, datalink, source if source is not None else _source_name(name))
+
+
+def _btsnoop_records(f: IO[bytes], owned: bool, datalink: int, source: str) -> Iterator[Advertisement]:
+    read = f.read
+    unpack = _RECORD_HEADER.unpack
+    header_size = _RECORD_HEADER.size
+    try:
+        while True:
+            header = read(header_size)
+            if len(header) < header_size:
+                return
+            _orig_len, incl_len, flags, _drops, ts = unpack(header)
+            data = read(incl_len)
+            if len(data) < incl_len:
+                return
+            if datalink == DATALINK_HCI_H4:
+                if not data or data[0] != _H4_EVENT:
+                    continue
+                event = data[1:]
+            elif datalink == DATALINK_BLUEZ_MONITOR:
+                if flags & 0xFFFF != _MONITOR_EVENT:
+                    continue
+                event = data
+            else:  # 1001: bit 1 = command/event, bit 0 = received
+                if flags & 3 != 3:
+                    continue
+                event = data
+            if not event or event[0] != HCI_EVENT_LE_META:
+                continue
+            yield from parse_hci_event(event, (ts - BTSNOOP_EPOCH_DELTA_US) / 1_000_000, source)
+    finally:
+        if owned:
+            f.close()
+
+
+def write_btsnoop(
+    path: str | os.PathLike[str] | IO[bytes],
+    advertisements: Iterable[Advertisement],
+    datalink: Literal[1001, 1002, 2001] = DATALINK_HCI_H4,
+) -> int:
+    """Write advertisements as LE advertising report events; returns the number of records.
+
+    A legacy report when the advertising data fits in 31 bytes, else an extended one. An unknown
+    ``address_type`` is written as public; ``rssi=None`` as 127 (unavailable), which reads back as None."""
+    if datalink not in (DATALINK_HCI_UNENCAP, DATALINK_HCI_H4, DATALINK_BLUEZ_MONITOR):
+        raise ValueError(f"datalink must be 1001, 1002 or 2001, not {datalink!r}")
+    if isinstance(path, str | os.PathLike):
+        f: IO[bytes] = open(path, "wb")  # noqa: SIM115
+        owned = True
+    else:
+        f, owned = path, False
+    count = 0
+    try:
+        f.write(_FILE_HEADER.pack(BTSNOOP_MAGIC, 1, datalink))
+        for adv in advertisements:
+            ad = build_ad_structures(adv.service_data, adv.manufacturer_data, adv.name)
+            event = build_le_adv_report(
+                adv.mac, ad, adv.rssi, adv.address_type or "public", extended=len(ad) > LEGACY_MAX_DATA
+            )
+            if datalink == DATALINK_HCI_H4:
+                data, flags = bytes([_H4_EVENT]) + event, 3
+            elif datalink == DATALINK_BLUEZ_MONITOR:
+                data, flags = event, _MONITOR_EVENT  # controller index 0
+            else:
+                data, flags = event, 3
+            ts = round(adv.time * 1_000_000) + BTSNOOP_EPOCH_DELTA_US
+            f.write(_RECORD_HEADER.pack(len(data), len(data), flags, 0, ts))
+            f.write(data)
+            count += 1
+    finally:
+        if owned:
+            f.close()
+    return count
+
+
+# --------------------------------------------------------------------------------------------------
+# mitherm JSON Lines
+
+
+def _hex_bytes(value: Any, what: str) -> bytes:
+    if not isinstance(value, str):
+        raise ValueError(f"{what} must be a hex string, not {type(value).__name__}")
+    try:
+        return bytes.fromhex(value)
+    except ValueError:
+        raise ValueError(f"{what} is not hex: {value[:40]!r}") from None
+
+
+def _company_id(key: str) -> int:
+    s = key.strip().lower()
+    try:
+        value = int(s, 16) if s.startswith("0x") else int(s, 10)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= 0xFFFF:
+        raise ValueError(f"manufacturer_data key {key!r} is not a company id (decimal, or 0x-prefixed hex)")
+    return value
+
+
+def _adv_from_json(obj: Any, source: str | None) -> Advertisement:
+    if not isinstance(obj, dict):
+        raise ValueError("expected a JSON object")
+    if "mac" not in obj:
+        raise ValueError('missing "mac"')
+    mac = normalize_mac(str(obj["mac"]))
+    t = obj.get("time")
+    if isinstance(t, bool) or not isinstance(t, int | float):
+        raise ValueError('"time" must be a number (Unix seconds)')
+    rssi = obj.get("rssi")
+    if rssi is not None and (isinstance(rssi, bool) or not isinstance(rssi, int)):
+        raise ValueError('"rssi" must be an integer or null')
+    name = obj.get("name")
+    if name is not None and not isinstance(name, str):
+        raise ValueError('"name" must be a string or null')
+    address_type = obj.get("address_type")
+    if address_type not in ("public", "random", None):
+        raise ValueError('"address_type" must be "public", "random" or null')
+    service_data: dict[int, bytes] = {}
+    raw_sd = obj.get("service_data") or {}
+    if not isinstance(raw_sd, dict):
+        raise ValueError('"service_data" must be an object')
+    for key, value in raw_sd.items():
+        service_data[parse_service_uuid(key)] = _hex_bytes(value, f"service_data[{key!r}]")
+    manufacturer_data: dict[int, bytes] = {}
+    raw_md = obj.get("manufacturer_data") or {}
+    if not isinstance(raw_md, dict):
+        raise ValueError('"manufacturer_data" must be an object')
+    for key, value in raw_md.items():
+        manufacturer_data[_company_id(key)] = _hex_bytes(value, f"manufacturer_data[{key!r}]")
+    src = source if source is not None else obj.get("source") or ""
+    return Advertisement(
+        mac=mac,
+        time=float(t),
+        service_data=service_data,
+        rssi=rssi,
+        name=name,
+        address_type=address_type,
+        manufacturer_data=manufacturer_data,
+        source=str(src),
+    )
+
+
+def read_jsonl(
+    path_or_fileobj: PathOrFile,
+    errors: Literal["strict", "skip"] = "strict",
+    source: str | None = None,
+) -> Iterator[Advertisement]:
+    """Advertisements from a mitherm JSON Lines capture (see the module docstring).
+
+    A bad line raises CaptureError naming the file and line number, or is skipped with
+    ``errors="skip"``. ``source`` overrides the ``source`` field of every record."""
+    if errors not in ("strict", "skip"):
+        raise ValueError(f"errors must be 'strict' or 'skip', not {errors!r}")
+    f, name, owned = _open_binary(path_or_fileobj)
+    return _jsonl_records(f, name, owned, errors == "skip", source)
+
+
+def _jsonl_records(f: IO[bytes], name: str, owned: bool, skip: bool, source: str | None) -> Iterator[Advertisement]:
+    try:
+        for lineno, raw in enumerate(f, 1):
+            line = raw.strip()
+            if not line:
+                continue
+            try:
+                adv = _adv_from_json(json.loads(line), source)
+            except (ValueError, InvalidMac, InvalidUuid) as e:  # JSONDecodeError is a ValueError
+                if skip:
+                    continue
+                raise CaptureError(f"{name}:{lineno}: not a mitherm capture record: {e}") from e
+            yield adv
+    finally:
+        if owned:
+            f.close()
+
+
+def _adv_to_json(adv: Advertisement) -> dict[str, Any]:
+    return {
+        "time": adv.time,
+        "mac": adv.mac,
+        "address_type": adv.address_type,
+        "rssi": adv.rssi,
+        "name": adv.name,
+        "service_data": {f"{uuid:04x}": bytes(data).hex() for uuid, data in adv.service_data.items()},
+        "manufacturer_data": {str(cid): bytes(data).hex() for cid, data in adv.manufacturer_data.items()},
+        "source": adv.source,
+    }
+
+
+def write_jsonl_line(adv: Advertisement) -> str:
+    """One JSON Lines record for ``adv``, without the line break."""
+    return json.dumps(_adv_to_json(adv), ensure_ascii=False, separators=(",", ":"))
+
+
+class JsonlWriter:
+    """Appends advertisements to a JSON Lines capture, flushing after every line (safe to tail or kill).
+
+    Usable as a context manager. ``path`` may also be an open text file (left open on close)."""
+
+    def __init__(self, path: str | os.PathLike[str] | IO[str]) -> None:
+        if isinstance(path, str | os.PathLike):
+            p = Path(path)
+            p.parent.mkdir(parents=True, exist_ok=True)
+            self._file: IO[str] = open(p, "a", encoding="utf-8")  # noqa: SIM115
+            self._owned = True
+        else:
+            self._file, self._owned = path, False
+        self.count = 0
+
+    def write(self, adv: Advertisement) -> None:
+        self._file.write(write_jsonl_line(adv) + "\n")
+        self._file.flush()
+        self.count += 1
+
+    def close(self) -> None:
+        if self._owned and not self._file.closed:
+            self._file.close()
+
+    def __enter__(self) -> JsonlWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# --------------------------------------------------------------------------------------------------
+# sniffing
+
+
+def _peek(f: IO[bytes], n: int) -> bytes:
+    peek = getattr(f, "peek", None)
+    if peek is not None:
+        return peek(n)[:n]
+    if f.seekable():
+        pos = f.tell()
+        head = f.read(n)
+        f.seek(pos)
+        return head
+    raise CaptureError("cannot sniff the capture format of a non-seekable stream")
+
+
+def read_capture(path: PathOrFile, source: str | None = None) -> Iterator[Advertisement]:
+    """Advertisements from a btsnoop file or a mitherm JSON Lines capture, told apart by content.
+
+    ``"-"`` reads standard input. Anything else raises CaptureError at once."""
+    f, name, owned = _open_binary(path)
+    try:
+        head = _peek(f, 64)
+        if isinstance(head, str):  # a text stream
+            head = head.encode("utf-8", errors="replace")
+        if head.startswith(BTSNOOP_MAGIC):
+            return _open_btsnoop(f, name, owned, source)
+        stripped = head.lstrip(b" \t\r\n\xef\xbb\xbf")
+        if stripped.startswith(b"{") or (not stripped and len(head) < 64):
+            return _jsonl_records(f, name, owned, False, source)
+        raise CaptureError(
+            f"{name} is not a btsnoop or mitherm JSON Lines capture: first bytes {head[:16].hex(' ')} "
+            f"({head[:16]!r}); expected b'btsnoop\\x00' or a line starting with '{{'"
+        )
+    except BaseException:
+        if owned:
+            f.close()
+        raise

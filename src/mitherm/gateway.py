@@ -1,0 +1,264 @@
+"""The gateway pipeline: Advertisement -> dedupe -> decode -> replay check -> device state -> sinks.
+
+Sinks are plain objects with ``publish(state, reading)`` (sync, cheap) — history, MQTT, ``--print``, the
+web UI. Time is the advertisement's own clock, so a replayed capture behaves as it happened."""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from .decoder import SUPPORTED_UUIDS, Decoder
+from .doctor import Diagnosis, diagnose
+from .framecache import Frame, FrameCache
+from .model import Advertisement, ErrorCode, Reading
+from .state import DeviceState, KeyStatus
+
+log = logging.getLogger(__name__)
+
+MEASUREMENTS = ("temperature_c", "humidity_pct", "battery_pct", "voltage_v")
+
+
+class Sink(Protocol):
+    def publish(self, state: DeviceState, reading: Reading) -> None: ...
+
+
+@dataclass(slots=True)
+class GatewayStats:
+    adverts: int = 0
+    frames: int = 0
+    duplicates: int = 0
+    decoded: int = 0
+    replayed: int = 0
+    failed: int = 0
+
+
+@dataclass(slots=True)
+class _Seen:
+    time: float
+    rssi: int | None
+    state_mac: str
+
+
+@dataclass
+class GatewayOptions:
+    dedupe_window: float = 10.0  # seconds: the same frame heard by several receivers (or repeated) is one frame
+    publish_unknown: bool = False
+    counters_persist: Callable[[dict[str, int]], None] | None = None
+
+
+class Gateway:
+    """Keeps per-device state from a stream of advertisements. Not thread-safe: feed it from one loop."""
+
+    def __init__(
+        self,
+        keys: dict[str, str] | None = None,
+        *,
+        names: dict[str, str] | None = None,
+        options: GatewayOptions | None = None,
+        counters: dict[str, int] | None = None,
+        cache: FrameCache | None = None,
+    ) -> None:
+        self.decoder = Decoder(keys or {})
+        self.keys: dict[str, str] = dict(keys or {})
+        self.names: dict[str, str] = dict(names or {})
+        self.options = options or GatewayOptions()
+        self.cache = cache or FrameCache()
+        self.devices: dict[str, DeviceState] = {}
+        self.sinks: list[Sink] = []
+        self.stats = GatewayStats()
+        #: last accepted encrypted counter per device (replay protection; persisted by the owner)
+        self.counters: dict[str, int] = dict(counters or {})
+        self._recent: OrderedDict[tuple[str, bytes], _Seen] = OrderedDict()
+        self._diagnosed: dict[str, tuple[str, int]] = {}  # mac -> (key, failures when last diagnosed)
+        self._last_data: dict[str, float] = {}
+        self.clock = 0.0  # the newest advertisement time seen
+
+    # --- keys ----------------------------------------------------------------------------------------
+    def set_keys(self, keys: dict[str, str], names: dict[str, str] | None = None) -> list[str]:
+        """Replace the keys (keystore reloaded). Returns the MACs whose key changed; their verdict is redone
+        at once against the frames already seen."""
+        changed = [m for m in set(keys) | set(self.keys) if keys.get(m) != self.keys.get(m)]
+        self.keys = dict(keys)
+        self.decoder.set_keys(keys)
+        if names is not None:
+            self.names = dict(names)
+            for mac, st in self.devices.items():
+                st.name = self.names.get(mac, st.name)
+                st.known = mac in self.keys or mac in self.names
+        for mac in changed:
+            self._diagnosed.pop(mac, None)
+            st = self.devices.get(mac)
+            if st is not None:
+                st.known = mac in self.keys or mac in self.names
+                self._check_key(st, force=True)
+        return changed
+
+    def verify_key(self, mac: str, key: str) -> Diagnosis:
+        return diagnose(self.cache, mac, key, now=self.clock or None)
+
+    # --- the pipeline --------------------------------------------------------------------------------
+    def handle(self, adv: Advertisement) -> list[tuple[DeviceState, Reading]]:
+        self.stats.adverts += 1
+        if adv.time > self.clock:
+            self.clock = adv.time
+        out: list[tuple[DeviceState, Reading]] = []
+        for uuid, payload in adv.service_data.items():
+            if uuid not in SUPPORTED_UUIDS:
+                continue
+            self.stats.frames += 1
+            r = self._frame(adv, uuid, bytes(payload))
+            if r is not None:
+                out.append(r)
+        return out
+
+    def handle_many(self, advs: Iterable[Advertisement]) -> None:
+        for adv in advs:
+            self.handle(adv)
+
+    def _frame(self, adv: Advertisement, uuid: int, payload: bytes) -> tuple[DeviceState, Reading] | None:
+        mac = adv.mac
+        key = (mac, payload)
+        seen = self._recent.get(key)
+        if seen is not None and adv.time - seen.time <= self.options.dedupe_window:
+            self.stats.duplicates += 1
+            st = self.devices.get(seen.state_mac)
+            if (
+                st is not None
+                and adv.rssi is not None
+                and (st.rssi is None or adv.rssi > st.rssi)
+                and st.last_seen == seen.time
+            ):
+                st.rssi = adv.rssi
+                st.receiver = adv.source or st.receiver
+            return None
+        self._remember(key, adv)
+        self.cache.add(Frame(adv.time, mac, uuid, payload, adv.rssi, adv.name))
+        reading = self.decoder.decode(mac, uuid, payload)
+        st = self.devices.get(reading.mac)
+        if st is None:
+            st = self.devices[reading.mac] = DeviceState(
+                mac=reading.mac, first_seen=adv.time, name=self.names.get(reading.mac)
+            )
+            st.known = reading.mac in self.keys or reading.mac in self.names
+        st.last_seen = adv.time
+        st.rssi = adv.rssi
+        st.receiver = adv.source or None
+        if adv.name and not st.name:
+            st.name = adv.name if not self.names.get(st.mac) else self.names[st.mac]
+        if reading.model and (st.model is None or reading.model not in ("ATC", "BTHome")):
+            st.model = reading.model
+        if reading.product_id is not None:
+            st.product_id = reading.product_id
+        err = reading.error
+        if err is not None:
+            self.stats.failed += 1
+            if err.code is ErrorCode.NO_KEY:
+                st.format = reading.format
+                st.key_status = KeyStatus.MISSING
+            elif err.code in (ErrorCode.WRONG_KEY, ErrorCode.BAD_KEY):
+                st.format = reading.format
+                self._check_key(st)
+            return (st, reading) if err.code is not ErrorCode.MALFORMED else None
+        if not reading.values:
+            return None  # idle frame
+        if reading.encrypted and not self._fresh_counter(reading):
+            self.stats.replayed += 1
+            return None
+        self.stats.decoded += 1
+        st.format = reading.format
+        if reading.encrypted:
+            if st.key_status != KeyStatus.VERIFIED:
+                if st.key_status == KeyStatus.FAILED:
+                    log.warning("%s: the key works again", st.mac)
+                st.key_status = KeyStatus.VERIFIED
+                st.key_verdict = None
+        elif st.key_status in (KeyStatus.UNKNOWN, KeyStatus.MISSING) or st.mac not in self.keys:
+            st.key_status = KeyStatus.NOT_NEEDED
+        t = adv.time
+        prev = self._last_data.get(st.mac)
+        if prev is not None and t > prev:
+            gap = t - prev
+            st.data_interval = gap if st.data_interval is None else 0.8 * st.data_interval + 0.2 * gap
+        self._last_data[st.mac] = t
+        for name, value in reading.values.items():
+            if name in ("flags", "packet_id", "trigger"):
+                continue
+            st.values[name] = value
+            st.updated[name] = t
+        for sink in self.sinks:
+            sink.publish(st, reading)
+        return st, reading
+
+    def _remember(self, key: tuple[str, bytes], adv: Advertisement) -> None:
+        recent = self._recent
+        recent[key] = _Seen(adv.time, adv.rssi, adv.mac)
+        recent.move_to_end(key)
+        horizon = adv.time - self.options.dedupe_window
+        while recent:
+            s = next(iter(recent.values()))
+            if s.time >= horizon and len(recent) <= 50_000:
+                break
+            recent.popitem(last=False)
+
+    def _fresh_counter(self, r: Reading) -> bool:
+        """Reject replayed or out-of-order encrypted frames (the counter is part of the nonce)."""
+        if r.frame_counter is None:
+            return True
+        fmt = r.format or ""
+        if fmt.startswith("mibeacon"):
+            counter = (r.ext_counter or 0) << 8 | r.frame_counter
+            span = 1 << 32
+        elif fmt.startswith("bthome"):
+            counter, span = r.frame_counter, 1 << 32
+        else:  # pvvx / atc1441: a 1-byte counter that wraps
+            counter, span = r.frame_counter, 256
+        last = self.counters.get(r.mac)
+        if last is not None:
+            delta = (counter - last) % span
+            rebooted = counter < 256 and last > 4096 and span > 256  # a rebooted device starts near zero
+            if (delta == 0 or delta > span // 2) and not rebooted:
+                return False
+        self.counters[r.mac] = counter
+        return True
+
+    def _check_key(self, st: DeviceState, force: bool = False) -> None:
+        """Run the doctor when a key fails: once per key and per few new failures, one log line."""
+        key = self.keys.get(st.mac)
+        if key is None:
+            st.key_status = KeyStatus.MISSING
+            return
+        frames = self.cache.frames(st.mac)
+        prev = self._diagnosed.get(st.mac)
+        if not force and prev is not None and prev[0] == key and len(frames) - prev[1] < 8:
+            return
+        dx = diagnose(self.cache, st.mac, key, now=self.clock or None)
+        self._diagnosed[st.mac] = (key, len(frames))
+        if dx.ok:
+            st.key_status = KeyStatus.VERIFIED
+            st.key_verdict = None
+            return
+        if dx.verdict.value in ("no_encrypted_frames", "device_not_seen"):
+            return
+        if st.key_verdict != dx.verdict.value:
+            log.warning("%s (%s): key_failed: %s — %s", st.mac, st.name or st.model or "?", dx.verdict.value, dx.advice)
+        st.key_status = KeyStatus.FAILED
+        st.key_verdict = dx.verdict.value
+
+
+class PrintSink:
+    """``--print``: one JSON line per device update on stdout."""
+
+    def __init__(self, write: Callable[[str], Any]) -> None:
+        import json
+
+        self._dumps = json.dumps
+        self._write = write
+
+    def publish(self, state: DeviceState, reading: Reading) -> None:
+        d = state.to_json()
+        d["time"] = state.last_seen
+        self._write(self._dumps(d, ensure_ascii=False) + "\n")

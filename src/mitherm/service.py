@@ -1,0 +1,229 @@
+"""``mitherm run``: sources -> Gateway -> sinks (SQLite history, MQTT, --print), as one asyncio service."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import json
+import logging
+import sys
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .gateway import Gateway, GatewayOptions, PrintSink
+from .model import Reading
+from .paths import default_db, default_keystore
+from .sources import Source, SourceError, open_source
+from .state import DeviceState
+
+log = logging.getLogger(__name__)
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class RunConfig:
+    """Mirrors the command-line flags; ``mitherm run --config FILE`` reads the same keys from TOML."""
+
+    sources: list[str] = field(default_factory=list)
+    mqtt: str | None = None
+    db: str | None = None
+    keys: str | None = None
+    web: bool = True
+    web_bind: str = "127.0.0.1:8086"
+    print: bool = False
+    replay_speed: str = "max"
+    follow: bool = False
+    passive: bool = False
+    publish_unknown: bool = False
+    min_interval: float = 30.0
+    raw_days: float = 30.0
+    names: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_toml(cls, path: str) -> RunConfig:
+        try:
+            data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError as e:
+            raise ConfigError(f"config file {path} does not exist") from e
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config file {path} is not valid TOML: {e}") from e
+        cfg = cls()
+        known = {f for f in cls.__dataclass_fields__}
+        for k, v in data.items():
+            key = k.replace("-", "_")
+            if key == "source":
+                key = "sources"
+            if key not in known:
+                raise ConfigError(f"{path}: unknown option {k!r} (known: {', '.join(sorted(known))})")
+            if key == "sources" and isinstance(v, str):
+                v = [v]
+            setattr(cfg, key, v)
+        return cfg
+
+
+class HistorySink:
+    def __init__(self, history: Any) -> None:
+        self.history = history
+        self._known: set[str] = set()
+
+    def publish(self, state: DeviceState, reading: Reading) -> None:
+        if state.mac not in self._known:
+            self._known.add(state.mac)
+            self.history.upsert_device(
+                state.mac, name=state.name, model=state.model, format=state.format, ts=state.last_seen
+            )
+        values = {
+            k: v
+            for k, v in reading.values.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("packet_id", "flags")
+        }
+        if values:
+            self.history.add(state.mac, state.last_seen, values)
+
+
+class MqttSink:
+    def __init__(self, publisher: Any) -> None:
+        self.publisher = publisher
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    def publish(self, state: DeviceState, reading: Reading) -> None:
+        res = self.publisher.publish_state(state)
+        if inspect.isawaitable(res):
+            t = asyncio.ensure_future(res)
+            self._tasks.add(t)
+            t.add_done_callback(self._tasks.discard)
+
+
+class Service:
+    def __init__(self, cfg: RunConfig, *, out: Any = None) -> None:
+        self.cfg = cfg
+        self.out = out or sys.stdout
+        self.keystore: Any = None
+        self.history: Any = None
+        self.publisher: Any = None
+        self.gateway: Gateway | None = None
+
+    def _load_keys(self) -> tuple[dict[str, str], dict[str, str]]:
+        from .keystore import Keystore
+
+        self.keystore = Keystore(self.cfg.keys or default_keystore())
+        return self._keys_and_names()
+
+    def _keys_and_names(self) -> tuple[dict[str, str], dict[str, str]]:
+        keys: dict[str, str] = {}
+        names: dict[str, str] = dict(self.cfg.names)
+        for e in self.keystore.entries():
+            if e.bindkey:
+                keys[e.mac] = e.bindkey
+            if e.name:
+                names.setdefault(e.mac, e.name)
+        return keys, names
+
+    async def run(self) -> Gateway:
+        cfg = self.cfg
+        sources_urls = cfg.sources or ["bleak:"]
+        try:
+            sources: list[Source] = [
+                open_source(u, passive=cfg.passive, replay_speed=cfg.replay_speed) for u in sources_urls
+            ]
+        except SourceError as e:
+            raise ConfigError(str(e)) from e
+        keys, names = self._load_keys()
+        from .history import History
+
+        self.history = History(cfg.db or default_db())
+        counters: dict[str, int] = {}
+        raw = self.history.get_state("counters")
+        if raw:
+            with contextlib.suppress(ValueError, TypeError):
+                counters = {k: int(v) for k, v in json.loads(raw).items()}
+        gw = self.gateway = Gateway(
+            keys, names=names, counters=counters, options=GatewayOptions(publish_unknown=cfg.publish_unknown)
+        )
+        gw.sinks.append(HistorySink(self.history))
+        if cfg.print:
+            gw.sinks.append(PrintSink(self._write))
+        background: list[asyncio.Task[Any]] = [
+            asyncio.create_task(self._flusher(), name="history-flush"),
+            asyncio.create_task(self._watch_keystore(), name="keystore-watch"),
+        ]
+        if cfg.mqtt:
+            from .mqtt import MqttPublisher, MqttSettings
+
+            settings = MqttSettings.from_url(
+                cfg.mqtt, publish_unknown=cfg.publish_unknown, min_interval=cfg.min_interval
+            )
+            self.publisher = MqttPublisher(settings)
+            gw.sinks.append(MqttSink(self.publisher))
+            background.append(asyncio.create_task(self.publisher.run(), name="mqtt"))
+
+        def emit(adv: Any) -> None:
+            gw.handle(adv)
+
+        src_tasks = [asyncio.create_task(s.run(emit), name=f"source:{s.name}") for s in sources]
+        try:
+            pending = set(src_tasks)
+            while pending:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for t in done:
+                    exc = t.exception()
+                    if exc is not None:
+                        if isinstance(exc, SourceError):
+                            raise ConfigError(str(exc)) from exc
+                        raise exc
+                for t in background:
+                    if t.done() and t.exception():
+                        raise t.exception()  # type: ignore[misc]
+            if cfg.follow:
+                await asyncio.Event().wait()
+        finally:
+            for t in src_tasks:
+                t.cancel()
+            await asyncio.gather(*src_tasks, return_exceptions=True)
+            await self._shutdown(background)
+        return gw
+
+    def _write(self, text: str) -> None:
+        self.out.write(text)
+        self.out.flush()
+
+    async def _flusher(self) -> None:
+        n = 0
+        while True:
+            await asyncio.sleep(1.0)
+            await asyncio.to_thread(self.history.flush)
+            n += 1
+            if n % 10 == 0:
+                self._save_counters()
+            if n % 3600 == 0:
+                await asyncio.to_thread(self.history.prune, self.cfg.raw_days)
+
+    def _save_counters(self) -> None:
+        if self.gateway is not None and self.history is not None:
+            self.history.set_state("counters", json.dumps(self.gateway.counters))
+
+    async def _watch_keystore(self) -> None:
+        while True:
+            await asyncio.sleep(2.0)
+            if self.keystore.reload_if_changed() and self.gateway is not None:
+                keys, names = self._keys_and_names()
+                changed = self.gateway.set_keys(keys, names)
+                log.warning("keystore changed: %d device key(s) updated", len(changed))
+
+    async def _shutdown(self, background: list[asyncio.Task[Any]]) -> None:
+        if self.publisher is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.publisher.stop(), 5)
+        for t in background:
+            t.cancel()
+        await asyncio.gather(*background, return_exceptions=True)
+        if self.history is not None:
+            self._save_counters()
+            self.history.flush()
+            self.history.close()
