@@ -9,9 +9,7 @@ from hypothesis import HealthCheck, settings
 
 from mitherm.decoder import Decoder
 
-settings.register_profile(
-    "mitherm", deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
-)
+settings.register_profile("mitherm", deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 settings.register_profile("thorough", deadline=None, max_examples=2000)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "mitherm"))
 

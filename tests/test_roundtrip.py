@@ -102,7 +102,9 @@ def _bt(oid: int, v1: bool) -> st.SearchStrategy[Obj]:
 def bt_object_lists(v1: bool) -> st.SearchStrategy[list[Obj]]:
     return st.lists(
         st.sampled_from(sorted(BT_SPECS)).flatmap(lambda oid: _bt(oid, v1)),
-        min_size=1, max_size=4, unique_by=lambda o: o.oid,
+        min_size=1,
+        max_size=4,
+        unique_by=lambda o: o.oid,
     )
 
 
@@ -152,12 +154,24 @@ capabilities = st.one_of(st.none(), st.integers(0, 255))
 
 
 @given(
-    mac=macs, version=st.sampled_from([2, 3, 5]), pid=st.integers(0, 0xFFFF), fcnt=counter8,
-    objs=mi_object_lists, include_mac=st.booleans(), cap=capabilities,
+    mac=macs,
+    version=st.sampled_from([2, 3, 5]),
+    pid=st.integers(0, 0xFFFF),
+    fcnt=counter8,
+    objs=mi_object_lists,
+    include_mac=st.booleans(),
+    cap=capabilities,
 )
 def test_mibeacon_plain(mac, version, pid, fcnt, objs, include_mac, cap):
-    frame = mibeacon.encode(mac_le=mac, product_id=pid, frame_counter=fcnt, objects=[o.wire for o in objs],
-                            version=version, include_mac=include_mac, capability=cap)
+    frame = mibeacon.encode(
+        mac_le=mac,
+        product_id=pid,
+        frame_counter=fcnt,
+        objects=[o.wire for o in objs],
+        version=version,
+        include_mac=include_mac,
+        capability=cap,
+    )
     r = dec(mac, FE95, frame)
     check_values(r, expected_values(objs))
     assert r.format == f"mibeacon_v{version}"
@@ -166,25 +180,40 @@ def test_mibeacon_plain(mac, version, pid, fcnt, objs, include_mac, cap):
     assert r.objects == [(o.oid, o.wire[3:]) for o in objs]
 
 
-@given(mac=macs, version=st.sampled_from([2, 3, 5]), objs=mi_object_lists, cut=st.integers(1, 6),
-       cap=capabilities, include_mac=st.booleans())
+@given(
+    mac=macs,
+    version=st.sampled_from([2, 3, 5]),
+    objs=mi_object_lists,
+    cut=st.integers(1, 6),
+    cap=capabilities,
+    include_mac=st.booleans(),
+)
 def test_mibeacon_plain_truncated_keeps_earlier_objects(mac, version, objs, cut, cap, include_mac):
     cut = min(cut, len(objs[-1].wire) - 1)
-    frame = mibeacon.encode(mac_le=mac, product_id=0x055B, frame_counter=1, objects=[o.wire for o in objs],
-                            version=version, include_mac=include_mac, capability=cap)
+    frame = mibeacon.encode(
+        mac_le=mac,
+        product_id=0x055B,
+        frame_counter=1,
+        objects=[o.wire for o in objs],
+        version=version,
+        include_mac=include_mac,
+        capability=cap,
+    )
     r = dec(mac, FE95, frame[:-cut])
     check_values(r, expected_values(objs[:-1]))
     assert r.truncated
     assert r.objects == [(o.oid, o.wire[3:]) for o in objs[:-1]]
 
 
-@given(mac=macs, sender=macs, version=st.sampled_from([2, 3, 5]), objs=mi_object_lists, key=keys16,
-       encrypted=st.booleans())
+@given(
+    mac=macs, sender=macs, version=st.sampled_from([2, 3, 5]), objs=mi_object_lists, key=keys16, encrypted=st.booleans()
+)
 def test_mibeacon_mac_mismatch(mac, sender, version, objs, key, encrypted):
     assume(mac != sender)
     k = parse_bindkey(key if version == 5 else key[:24]) if encrypted else None
-    frame = mibeacon.encode(mac_le=mac, product_id=0x055B, frame_counter=1, objects=[o.wire for o in objs],
-                            version=version, key=k)
+    frame = mibeacon.encode(
+        mac_le=mac, product_id=0x055B, frame_counter=1, objects=[o.wire for o in objs], version=version, key=k
+    )
     r = dec(sender, FE95, frame, key=k.hex if k else None)
     assert_failed(r, ErrorCode.MAC_MISMATCH)
     assert r.mac_in_frame == display(mac)
@@ -194,12 +223,30 @@ def test_mibeacon_mac_mismatch(mac, sender, version, objs, key, encrypted):
 # --- MiBeacon v5 encrypted ------------------------------------------------------------------------
 
 
-@given(mac=macs, key=keys16, pid=st.integers(0, 0xFFFF), fcnt=counter8, ext=counter24, objs=mi_object_lists,
-       include_mac=st.booleans(), cap=capabilities, data=st.data())
+@given(
+    mac=macs,
+    key=keys16,
+    pid=st.integers(0, 0xFFFF),
+    fcnt=counter8,
+    ext=counter24,
+    objs=mi_object_lists,
+    include_mac=st.booleans(),
+    cap=capabilities,
+    data=st.data(),
+)
 def test_mibeacon_v5_encrypted(mac, key, pid, fcnt, ext, objs, include_mac, cap, data):
     k = parse_bindkey(key)
-    frame = mibeacon.encode(mac_le=mac, product_id=pid, frame_counter=fcnt, objects=[o.wire for o in objs],
-                            version=5, key=k, ext_counter=ext, include_mac=include_mac, capability=cap)
+    frame = mibeacon.encode(
+        mac_le=mac,
+        product_id=pid,
+        frame_counter=fcnt,
+        objects=[o.wire for o in objs],
+        version=5,
+        key=k,
+        ext_counter=ext,
+        include_mac=include_mac,
+        capability=cap,
+    )
     r = dec(mac, FE95, frame, key)
     check_values(r, expected_values(objs))
     assert r.format == "mibeacon_v5_enc" and r.encrypted
@@ -216,8 +263,15 @@ def test_mibeacon_v5_encrypted(mac, key, pid, fcnt, ext, objs, include_mac, cap,
 
 @given(mac=macs, key=keys16, objs=mi_object_lists, cut=st.integers(1, 40), include_mac=st.booleans())
 def test_mibeacon_v5_encrypted_cut_fails(mac, key, objs, cut, include_mac):
-    frame = mibeacon.encode(mac_le=mac, product_id=0x055B, frame_counter=1, objects=[o.wire for o in objs],
-                            version=5, key=parse_bindkey(key), include_mac=include_mac)
+    frame = mibeacon.encode(
+        mac_le=mac,
+        product_id=0x055B,
+        frame_counter=1,
+        objects=[o.wire for o in objs],
+        version=5,
+        key=parse_bindkey(key),
+        include_mac=include_mac,
+    )
     cut = min(cut, len(frame) - 1)
     assert_failed(dec(mac, FE95, frame[:-cut], key))
 
@@ -244,11 +298,27 @@ def legacy_check_byte(frame: bytes, key12_hex: str, sender_le: bytes) -> int:
     return AESCCM(k16, tag_length=16).encrypt(nonce, plain, b"\x11")[len(plain)]
 
 
-@given(mac=macs, key=keys12, version=st.sampled_from([2, 3]), fcnt=counter8, ext=counter24,
-       objs=mi_object_lists, include_mac=st.booleans(), data=st.data())
+@given(
+    mac=macs,
+    key=keys12,
+    version=st.sampled_from([2, 3]),
+    fcnt=counter8,
+    ext=counter24,
+    objs=mi_object_lists,
+    include_mac=st.booleans(),
+    data=st.data(),
+)
 def test_mibeacon_legacy_encrypted(mac, key, version, fcnt, ext, objs, include_mac, data):
-    frame = mibeacon.encode(mac_le=mac, product_id=0x0153, frame_counter=fcnt, objects=[o.wire for o in objs],
-                            version=version, key=parse_bindkey(key), ext_counter=ext, include_mac=include_mac)
+    frame = mibeacon.encode(
+        mac_le=mac,
+        product_id=0x0153,
+        frame_counter=fcnt,
+        objects=[o.wire for o in objs],
+        version=version,
+        key=parse_bindkey(key),
+        ext_counter=ext,
+        include_mac=include_mac,
+    )
     assert frame[-1] == legacy_check_byte(frame, key, mac)
     r = dec(mac, FE95, frame, key)
     check_values(r, expected_values(objs))
@@ -266,8 +336,14 @@ def test_mibeacon_legacy_encrypted(mac, key, version, fcnt, ext, objs, include_m
 
 @given(mac=macs, key=keys12, objs=mi_object_lists, cut=st.integers(1, 40))
 def test_mibeacon_legacy_encrypted_cut_fails(mac, key, objs, cut):
-    frame = mibeacon.encode(mac_le=mac, product_id=0x0153, frame_counter=1, objects=[o.wire for o in objs],
-                            version=3, key=parse_bindkey(key))
+    frame = mibeacon.encode(
+        mac_le=mac,
+        product_id=0x0153,
+        frame_counter=1,
+        objects=[o.wire for o in objs],
+        version=3,
+        key=parse_bindkey(key),
+    )
     cut = min(cut, len(frame) - 1)
     short = frame[:-cut]
     if len(short) >= 12:  # long enough to be checked: a 1/256 chance that the check byte still fits
@@ -278,58 +354,82 @@ def test_mibeacon_legacy_encrypted_cut_fails(mac, key, objs, cut):
 # --- atc1441 ----------------------------------------------------------------------------------------
 
 
-@given(mac=macs, t=_fl(-300, 300), h=st.integers(0, 100), b=st.integers(0, 100), v=_fl(0, 65),
-       cnt=counter8)
+@given(mac=macs, t=_fl(-300, 300), h=st.integers(0, 100), b=st.integers(0, 100), v=_fl(0, 65), cnt=counter8)
 def test_atc1441_plain(mac, t, h, b, v, cnt):
     r = dec(mac, X181A, atc1441.encode_plain(mac, t, h, b, v, cnt))
-    check_values(r, [("temperature_c", t, 0.05), ("humidity_pct", h, 0), ("battery_pct", b, 0),
-                     ("voltage_v", v, 0.0005)])
+    check_values(
+        r, [("temperature_c", t, 0.05), ("humidity_pct", h, 0), ("battery_pct", b, 0), ("voltage_v", v, 0.0005)]
+    )
     assert (r.format, r.frame_counter, r.mac_in_frame) == ("atc1441", cnt, display(mac))
 
 
-@given(mac=macs, t=_fl(-40, 87.5), h=_fl(0, 100), b=st.integers(0, 100), cnt=counter8,
-       trigger=st.integers(0, 1), key=keys16, data=st.data())
+@given(
+    mac=macs,
+    t=_fl(-40, 87.5),
+    h=_fl(0, 100),
+    b=st.integers(0, 100),
+    cnt=counter8,
+    trigger=st.integers(0, 1),
+    key=keys16,
+    data=st.data(),
+)
 def test_atc1441_encrypted(mac, t, h, b, cnt, trigger, key, data):
     frame = atc1441.encode_encrypted(mac, parse_bindkey(key), t, h, b, cnt, trigger)
     r = dec(mac, X181A, frame, key)
-    check_values(r, [("temperature_c", t, 0.25), ("humidity_pct", h, 0.25), ("battery_pct", b, 0),
-                     ("trigger", trigger, 0)])
+    check_values(
+        r, [("temperature_c", t, 0.25), ("humidity_pct", h, 0.25), ("battery_pct", b, 0), ("trigger", trigger, 0)]
+    )
     assert (r.format, r.frame_counter, r.encrypted) == ("atc1441_enc", cnt, True)
     assert_failed(dec(mac, X181A, frame, other_key(key, data)), ErrorCode.WRONG_KEY)
     assert_failed(dec(mac, X181A, frame), ErrorCode.NO_KEY)
-    assert_failed(dec(mac, X181A, frame[:-data.draw(st.integers(1, 7))], key))
+    assert_failed(dec(mac, X181A, frame[: -data.draw(st.integers(1, 7))], key))
 
 
 # --- pvvx -------------------------------------------------------------------------------------------
 
 
-@given(mac=macs, t=_fl(-300, 300), h=_fl(0, 100), b=st.integers(0, 100), v=_fl(0, 65), cnt=counter8,
-       flags=st.one_of(st.none(), st.integers(0, 255)))
+@given(
+    mac=macs,
+    t=_fl(-300, 300),
+    h=_fl(0, 100),
+    b=st.integers(0, 100),
+    v=_fl(0, 65),
+    cnt=counter8,
+    flags=st.one_of(st.none(), st.integers(0, 255)),
+)
 def test_pvvx_plain(mac, t, h, b, v, cnt, flags):
     frame = pvvx.encode_plain(mac, t, h, b, v, cnt, flags)
     assert len(frame) == (14 if flags is None else 15)
     r = dec(mac, X181A, frame)
-    want = [("temperature_c", t, 0.005), ("humidity_pct", h, 0.005), ("battery_pct", b, 0),
-            ("voltage_v", v, 0.0005)]
+    want = [("temperature_c", t, 0.005), ("humidity_pct", h, 0.005), ("battery_pct", b, 0), ("voltage_v", v, 0.0005)]
     if flags is not None:
         want.append(("flags", flags, 0))
     check_values(r, want)
     assert (r.format, r.frame_counter, r.mac_in_frame) == ("pvvx", cnt, display(mac))
 
 
-@given(mac=macs, t=_fl(-300, 300), h=_fl(0, 100), b=st.integers(0, 100), cnt=counter8,
-       flags=st.integers(0, 255), key=keys16, data=st.data())
+@given(
+    mac=macs,
+    t=_fl(-300, 300),
+    h=_fl(0, 100),
+    b=st.integers(0, 100),
+    cnt=counter8,
+    flags=st.integers(0, 255),
+    key=keys16,
+    data=st.data(),
+)
 def test_pvvx_encrypted(mac, t, h, b, cnt, flags, key, data):
     frame = pvvx.encode_encrypted(mac, parse_bindkey(key), t, h, b, cnt, flags)
     r = dec(mac, X181A, frame, key)
-    check_values(r, [("temperature_c", t, 0.005), ("humidity_pct", h, 0.005), ("battery_pct", b, 0),
-                     ("flags", flags, 0)])
+    check_values(
+        r, [("temperature_c", t, 0.005), ("humidity_pct", h, 0.005), ("battery_pct", b, 0), ("flags", flags, 0)]
+    )
     assert (r.format, r.frame_counter, r.encrypted) == ("pvvx_enc", cnt, True)
     assert_failed(dec(mac, X181A, frame, other_key(key, data)), ErrorCode.WRONG_KEY)
     assert_failed(dec(mac, X181A, frame), ErrorCode.NO_KEY)
     # the sender's address is part of the nonce
     assert_failed(dec(data.draw(macs.filter(lambda m: m != mac)), X181A, frame, key), ErrorCode.WRONG_KEY)
-    assert_failed(dec(mac, X181A, frame[:-data.draw(st.integers(1, 10))], key))
+    assert_failed(dec(mac, X181A, frame[: -data.draw(st.integers(1, 10))], key))
 
 
 @given(mac=macs, sender=macs, flags=st.one_of(st.none(), st.integers(0, 255)), pv=st.booleans())
@@ -399,11 +499,24 @@ def test_bthome_v2_plain_truncated(mac, objs, cut, include_mac):
     assert r.truncated
 
 
-@given(mac=macs, objs=bt_object_lists(v1=False), key=keys16, counter=counter32, include_mac=st.booleans(),
-       trigger=st.booleans(), data=st.data())
+@given(
+    mac=macs,
+    objs=bt_object_lists(v1=False),
+    key=keys16,
+    counter=counter32,
+    include_mac=st.booleans(),
+    trigger=st.booleans(),
+    data=st.data(),
+)
 def test_bthome_v2_encrypted(mac, objs, key, counter, include_mac, trigger, data):
-    frame = bthome.encode_v2([o.wire for o in objs], mac_le=mac, key=parse_bindkey(key), counter=counter,
-                             include_mac=include_mac, trigger_based=trigger)
+    frame = bthome.encode_v2(
+        [o.wire for o in objs],
+        mac_le=mac,
+        key=parse_bindkey(key),
+        counter=counter,
+        include_mac=include_mac,
+        trigger_based=trigger,
+    )
     r = dec(mac, FCD2, frame, key)
     check_values(r, expected_values(objs))
     assert (r.format, r.frame_counter, r.encrypted) == ("bthome_v2_enc", counter, True)

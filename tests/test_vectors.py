@@ -8,7 +8,6 @@ import pytest
 
 from mitherm.decoder import Decoder
 from mitherm.model import ErrorCode, Reading
-
 from vectors import Vector, load_vectors
 
 VECTORS = load_vectors()

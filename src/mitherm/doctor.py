@@ -257,31 +257,44 @@ def diagnose(cache: FrameCache, mac: str, key: str | None, *, now: float | None 
     results = [_try(c.frame, key_text) for c in enc]
     counts.decrypted = sum(results)
     counts.failed = len(results) - counts.decrypted
+    # ok when the newest data frame decrypts; key_outdated when the key decrypted earlier frames and fails on
+    # at least three after the last one it decrypted (checked before the "most of the last ten" rule, so that a
+    # sensor re-paired half an hour ago is not called fine); ok again when most of the last ten decrypt
+    # (noisy reception).
+    outdated_after: list[bool] = []
+    if any(results) and not results[-1]:
+        last_ok = max(i for i, ok in enumerate(results) if ok)
+        outdated_after = results[last_ok + 1 :]
     recent = results[-RECENT:]
-    if results[-1] or sum(recent) * 2 > len(recent):
+    if results[-1] or (len(outdated_after) < OUTDATED_AFTER and sum(recent) * 2 > len(recent)):
         dx.verdict = Verdict.OK
         dx.advice = f"The key decrypts {mac}'s frames ({counts.decrypted} of {len(results)})."
-        if counts.failed:
+        first_ok = results.index(True)
+        older = first_ok  # failures before the first success: frames sent under an earlier key
+        scattered = counts.failed - older
+        if older:
             dx.advice += (
-                f" {counts.failed} frame(s) did not decrypt: that is noisy reception (weak signal or a "
+                f" The {older} oldest data frame(s) were sent under an earlier key (the device was re-paired); "
+                "everything since decrypts."
+            )
+        if scattered:
+            dx.advice += (
+                f" {scattered} frame(s) did not decrypt: that is noisy reception (weak signal or a "
                 "low battery corrupts frames), not a key problem. Move the receiver closer if it "
                 "happens often."
             )
         return dx
-    if any(results):
-        last_ok = max(i for i, ok in enumerate(results) if ok)
-        after = results[last_ok + 1 :]
-        if len(after) >= OUTDATED_AFTER and not any(after):
-            since = enc[last_ok + 1].frame.time
-            dx.verdict = Verdict.KEY_OUTDATED
-            dx.new_key_since = since
-            dx.advice = (
-                f"The key worked for older frames but not for the {len(after)} newest data frames, which "
-                f"started {_iso(since)} ({_ago(since, now)} ago): the device was re-paired or re-activated "
-                "and has a new key. Fetch the current key (`mitherm cloud keys` after re-adding it in "
-                "Xiaomi Home, or the key printed by the last activation)."
-            )
-            return dx
+    if len(outdated_after) >= OUTDATED_AFTER:
+        since = enc[len(results) - len(outdated_after)].frame.time
+        dx.verdict = Verdict.KEY_OUTDATED
+        dx.new_key_since = since
+        dx.advice = (
+            f"The key worked for older frames but not for the {len(outdated_after)} newest data frames, which "
+            f"started {_iso(since)} ({_ago(since, now)} ago): the device was re-paired or re-activated "
+            "and has a new key. Fetch the current key (`mitherm cloud keys` after re-adding it in "
+            "Xiaomi Home, or the key printed by the last activation)."
+        )
+        return dx
 
     # key_of_other_device
     for other in cache.macs():
@@ -300,7 +313,12 @@ def diagnose(cache: FrameCache, mac: str, key: str | None, *, now: float | None 
             return dx
 
     dx.verdict = Verdict.WRONG_KEY
-    dx.advice = f"The key fails the integrity check on all {len(results)} data frame(s) from {mac}. "
+    dx.advice = (
+        f"The key fails the integrity check on all {len(results)} data frame(s) from {mac}. "
+        if not counts.decrypted
+        else f"The key fails the integrity check on {counts.failed} of {len(results)} data frames from {mac}, "
+        "including the newest. "
+    )
     if enc_format in CUSTOM_ENCRYPTED:
         dx.advice += (
             "This device runs custom firmware (pvvx/ATC/BTHome encrypted beacons): it uses its own "

@@ -12,11 +12,12 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from cryptography.exceptions import InvalidTag
 
 from ..bindkey import Bindkey
-from ..catalogue import model_for
+from ..catalogue import catalogue
 from ..mac import mac_from_le
 from ..model import DecodeError, ErrorCode, Reading, Value
 from ..uuids import MIBEACON
@@ -84,15 +85,28 @@ OBJECTS: dict[int, ObjectSpec] = {
 class _Compiled:
     length: int
     unpack: Callable[[bytes, int], tuple]
-    names: tuple[str, ...]
+    #: (value name, raw -> value) per field, precomputed so the hot path only calls them
+    convert: tuple[tuple[str, Callable[[Any], Value]], ...]
     scales: tuple[float, ...]
-    digits: tuple[int, ...]
     floats: tuple[bool, ...]
     pack: Callable[..., bytes]
 
 
+def _converter(f: Field) -> Callable[[Any], Value]:
+    if f.fmt == "f":
+        return f32_value
+    if f.scale == 1.0:
+        return int
+    inverse = round(1 / f.scale)
+    if abs(inverse * f.scale - 1) < 1e-12:
+        # v / 10 is the correctly rounded decimal (46.7), as round(v * 0.1, 1) but ~50x cheaper
+        return lambda v: v / inverse
+    digits = ndigits_for(f.scale)
+    scale = f.scale
+    return lambda v: round(v * scale, digits)
+
+
 def _compile(spec: ObjectSpec) -> _Compiled:
-    names = tuple(f.name for f in spec.fields)
     if any(f.fmt == "u24" for f in spec.fields):
         if len(spec.fields) != 1:
             raise ValueError("u24 fields stand alone")
@@ -111,9 +125,8 @@ def _compile(spec: ObjectSpec) -> _Compiled:
     return _Compiled(
         spec.length,
         unpack,
-        names,
+        tuple((f.name, _converter(f)) for f in spec.fields),
         tuple(f.scale for f in spec.fields),
-        tuple(ndigits_for(f.scale) for f in spec.fields),
         tuple(f.fmt == "f" for f in spec.fields),
         pack,
     )
@@ -127,14 +140,11 @@ def object_values(oid: int, data: bytes, values: dict[str, Value]) -> bool:
     c = _COMPILED.get(oid)
     if c is None or len(data) != c.length:
         return False
-    raw = c.unpack(data, 0)
-    for name, v, scale, digits, is_float in zip(c.names, raw, c.scales, c.digits, c.floats, strict=True):
-        if is_float:
-            put(values, name, f32_value(v))
-        elif scale == 1.0:
-            put(values, name, v)
+    for (name, conv), raw in zip(c.convert, c.unpack(data, 0)):  # noqa: B905 - same length by construction
+        if name in values:
+            put(values, name, conv(raw))
         else:
-            put(values, name, round(v * scale, digits))
+            values[name] = conv(raw)
     return True
 
 
@@ -180,26 +190,35 @@ def _walk_objects(data: bytes, start: int, end: int, reading: Reading, strict: b
     return None
 
 
+_FORMAT_NAMES = {(v, e): f"mibeacon_v{v}_enc" if e else f"mibeacon_v{v}" for v in range(2, 6) for e in (False, True)}
+_MODELS = {pid: info.model for pid, info in catalogue().items()}
+
+
 def decode(payload: bytes, mac: str, mac_le: bytes, key: Bindkey | None, key_error: str | None) -> Reading:
     n = len(payload)
-    r = Reading(mac=mac, service_uuid=MIBEACON)
     if n < 5:
-        r.format = "mibeacon"
-        r.error = DecodeError(ErrorCode.MALFORMED, f"MiBeacon frame of {n} bytes is shorter than its 5-byte header")
-        return r
+        return Reading(
+            mac=mac,
+            service_uuid=MIBEACON,
+            format="mibeacon",
+            error=DecodeError(ErrorCode.MALFORMED, f"MiBeacon frame of {n} bytes is shorter than its 5-byte header"),
+        )
     fc = payload[0] | payload[1] << 8
     version = fc >> 12
     encrypted = bool(fc & FC_ENCRYPTED)
-    r.encrypted = encrypted
     pid = payload[2] | payload[3] << 8
-    r.product_id = pid
-    r.model = model_for(pid)
-    r.frame_counter = payload[4]
+    r = Reading(
+        mac=mac,
+        service_uuid=MIBEACON,
+        format=_FORMAT_NAMES.get((version, encrypted), "mibeacon"),
+        model=_MODELS.get(pid),
+        product_id=pid,
+        encrypted=encrypted,
+        frame_counter=payload[4],
+    )
     if not 2 <= version <= 5:
-        r.format = "mibeacon"
         r.error = DecodeError(ErrorCode.UNSUPPORTED, f"MiBeacon version {version} (only 2 to 5 exist)")
         return r
-    r.format = f"mibeacon_v{version}_enc" if encrypted else f"mibeacon_v{version}"
     if fc & FC_MESH:
         r.error = DecodeError(ErrorCode.UNSUPPORTED, "MiBeacon mesh frame (frame control bit 7)")
         return r
@@ -235,8 +254,7 @@ def decode(payload: bytes, mac: str, mac_le: bytes, key: Bindkey | None, key_err
     if not fc & FC_OBJECTS:
         return r  # an idle frame: nothing to decode, not an error
     if not encrypted:
-        err = _walk_objects(payload, i, n, r, strict=False)
-        r.error = err
+        r.error = _walk_objects(payload, i, n, r, strict=False)
         return r
     legacy = version <= 3
     if n - i < (5 if legacy else 8):
@@ -249,39 +267,49 @@ def decode(payload: bytes, mac: str, mac_le: bytes, key: Bindkey | None, key_err
             r.error = DecodeError(ErrorCode.NO_KEY, f"encrypted MiBeacon v{version}: a bindkey for {mac} is needed")
         return r
     if legacy:
-        ext = payload[n - 4 : n - 1]
-        r.ext_counter = ext[0] | ext[1] << 8 | ext[2] << 16
-        nonce = payload[0:5] + ext + nonce_mac[0:5]
-        ct = payload[i : n - 4]
-        plain = key.legacy_ctr(nonce, ct)
-        tag = key.legacy_ccm16().encrypt(nonce, plain, AAD)[len(plain)]
-        if tag != payload[n - 1]:
-            if len(key.raw) == 16 and key.raw.endswith(b"\xff\xff\xff\xff"):
-                return decode(payload, mac, mac_le, _short_key(key), None)
-            r.error = DecodeError(
-                ErrorCode.WRONG_KEY, "integrity byte does not match: wrong bindkey for this legacy (v2/v3) frame"
-            )
-            return r
-    else:
-        if len(key.raw) != 16:
-            r.error = DecodeError(
-                ErrorCode.BAD_KEY,
-                f"MiBeacon v{version} needs a 32-hex-digit bindkey; 24 digits is a legacy key or a Mi token",
-            )
-            return r
-        ext = payload[n - 7 : n - 4]
-        r.ext_counter = ext[0] | ext[1] << 8 | ext[2] << 16
-        nonce = nonce_mac + payload[2:5] + ext
-        try:
-            plain = key.ccm4().decrypt(nonce, payload[i : n - 7] + payload[n - 4 :], AAD)
-        except InvalidTag:
-            r.error = DecodeError(ErrorCode.WRONG_KEY, "MIC check failed: wrong bindkey (or a corrupted frame)")
-            return r
+        return _decode_legacy(payload, i, n, nonce_mac, key, r)
+    if len(key.raw) != 16:
+        r.error = DecodeError(
+            ErrorCode.BAD_KEY,
+            f"MiBeacon v{version} needs a 32-hex-digit bindkey; 24 digits is a legacy key or a Mi token",
+        )
+        return r
+    ext = payload[n - 7 : n - 4]
+    r.ext_counter = ext[0] | ext[1] << 8 | ext[2] << 16
+    try:
+        plain = key.ccm4().decrypt(nonce_mac + payload[2:5] + ext, payload[i : n - 7] + payload[n - 4 :], AAD)
+    except InvalidTag:
+        r.error = DecodeError(ErrorCode.WRONG_KEY, "MIC check failed: wrong bindkey (or a corrupted frame)")
+        return r
     err = _walk_objects(plain, 0, len(plain), r, strict=True)
     if err is not None:
         r.values.clear()
         r.objects.clear()
         r.error = err
+    return r
+
+
+def _decode_legacy(payload: bytes, i: int, n: int, nonce_mac: bytes, key: Bindkey, r: Reading) -> Reading:
+    """v2/v3: CTR decryption and the trailing byte = first byte of the 16-byte CCM tag as a 1-byte check.
+
+    A 12-byte key padded with FFFFFFFF (how some tools store legacy keys) is tried as the 12-byte key first.
+    The 1-byte check passes a wrong key 1 time in 256, so the strict object walk must agree too."""
+    ext = payload[n - 4 : n - 1]
+    r.ext_counter = ext[0] | ext[1] << 8 | ext[2] << 16
+    nonce = payload[0:5] + ext + nonce_mac[0:5]
+    ct = payload[i : n - 4]
+    candidates = (_short_key(key), key) if len(key.raw) == 16 and key.raw[12:] == b"\xff\xff\xff\xff" else (key,)
+    for k in candidates:
+        plain = k.legacy_ctr(nonce, ct)
+        if k.legacy_ccm16().encrypt(nonce, plain, AAD)[len(plain)] != payload[n - 1]:
+            continue
+        if _walk_objects(plain, 0, len(plain), r, strict=True) is None:
+            return r
+        r.values.clear()
+        r.objects.clear()
+    r.error = DecodeError(
+        ErrorCode.WRONG_KEY, "integrity byte does not match: wrong bindkey for this legacy (v2/v3) frame"
+    )
     return r
 
 

@@ -1,0 +1,709 @@
+"""MQTT publisher with Home Assistant discovery.
+
+Topics (``<base>`` = ``mitherm``, ``<id>`` = MAC without colons, lower case)::
+
+    <base>/<gateway_id>/status                       online / offline (retained, last will offline)
+    <base>/<id>/state                                JSON state (retained)
+    <base>/<id>/availability                         online / offline (retained; the pipeline decides)
+    <prefix>/sensor/mitherm_<id>/<quantity>/config   HA discovery (retained, byte-stable)
+
+Delivery: every message is a retained "newest value of a topic". Messages wait in a per-topic
+outbox (newest replaces older), mirrored to a small SQLite file while the broker is unreachable, so a
+broker outage (or a gateway restart during one) loses nothing and sends each topic's newest value
+once when the broker is back."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import re
+import secrets
+import socket
+import sqlite3
+import ssl
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import aiomqtt
+
+from . import __version__
+from .catalogue import by_product_id
+from .mac import normalize_mac
+from .paths import data_dir
+from .state import DeviceState
+
+__all__ = [
+    "SENSORS",
+    "MqttPublisher",
+    "MqttSettings",
+    "Sensor",
+    "discovery_messages",
+    "expire_after_for",
+    "node_id",
+    "state_payload",
+]
+
+log = logging.getLogger(__name__)
+
+_ID_BAD = re.compile(r"[^a-zA-Z0-9_-]")
+#: expire_after values used (seconds); a device's value is the smallest that covers 3 × its interval.
+EXPIRE_BUCKETS = (300, 600, 1200, 1800, 3600, 7200, 14400, 28800, 43200, 86400)
+#: expire_after for a device whose data interval is not known yet (stock sensors report every ~10 min).
+EXPIRE_UNKNOWN = 1800
+
+
+# -- settings -------------------------------------------------------------------------------------------
+
+
+def _sanitize_id(text: str) -> str:
+    s = _ID_BAD.sub("_", text.strip()).strip("_")
+    return s or "gateway"
+
+
+def _default_gateway_id() -> str:
+    return _sanitize_id(socket.gethostname().split(".")[0].lower())
+
+
+@dataclass(slots=True)
+class MqttSettings:
+    host: str = "localhost"
+    port: int = 1883
+    username: str | None = None
+    password: str | None = None
+    tls: bool = False
+    ca: str | None = None  # CA bundle for TLS (default: system store)
+    insecure: bool = False  # TLS without certificate / host name checks
+    base_topic: str = "mitherm"
+    discovery_prefix: str = "homeassistant"
+    #: names this gateway in its status topic; stable across restarts (default: host name)
+    gateway_id: str = field(default_factory=_default_gateway_id)
+    #: unique per process (two gateways sharing a broker must never collide)
+    client_id: str = ""
+    #: seconds between two state publishes of one device (newer states are held back, never dropped)
+    min_interval: float = 30.0
+    #: publish devices without a key or user-given name (neighbours' sensors); off by default
+    publish_unknown: bool = False
+    #: an unchanged state (same values) is re-published at most every max(min_interval, expire/3) s
+    refresh_unchanged: bool = True
+    retain_state: bool = True
+    discovery: bool = True
+    qos: int = 1
+    keepalive: int = 30
+    reconnect_initial: float = 1.0
+    reconnect_max: float = 60.0
+    #: outbox file used while the broker is unreachable (default: data dir, one per gateway_id)
+    outbox_path: Path | None = None
+    #: at most this many topics wait in the outbox (oldest states dropped first beyond it)
+    outbox_max: int = 10_000
+
+    def __post_init__(self) -> None:
+        self.gateway_id = _sanitize_id(self.gateway_id)
+        if not self.client_id:
+            self.client_id = f"mitherm-{self.gateway_id}-{secrets.token_hex(3)}"
+        self.base_topic = self.base_topic.strip("/")
+        self.discovery_prefix = self.discovery_prefix.strip("/")
+
+    @classmethod
+    def from_url(cls, url: str, **overrides: Any) -> MqttSettings:
+        """``mqtt://[USER[:PASS]@]HOST[:PORT]`` or ``mqtts://…`` (TLS) with options ``?ca=PATH``,
+        ``insecure=1``, ``client_id=``, ``gateway_id=``, ``base_topic=``, ``discovery_prefix=``,
+        ``min_interval=``, ``publish_unknown=1``. Keyword overrides win over the URL."""
+        parts = urlsplit(url if "://" in url else f"mqtt://{url}")
+        if parts.scheme not in ("mqtt", "mqtts", "tcp", "ssl"):
+            raise ValueError(f"MQTT URL {url!r}: scheme must be mqtt:// or mqtts://")
+        if not parts.hostname:
+            raise ValueError(f"MQTT URL {url!r} has no host")
+        tls = parts.scheme in ("mqtts", "ssl")
+        try:
+            port = parts.port or (8883 if tls else 1883)
+        except ValueError as e:
+            raise ValueError(f"MQTT URL {url!r}: {e}") from None
+        kw: dict[str, Any] = {
+            "host": parts.hostname,
+            "port": port,
+            "username": unquote(parts.username) if parts.username else None,
+            "password": unquote(parts.password) if parts.password is not None else None,
+            "tls": tls,
+        }
+        flags = {"1", "true", "yes", "on"}
+        for key, values in parse_qs(parts.query, keep_blank_values=True).items():
+            v = values[-1]
+            if key == "ca":
+                kw["ca"] = v
+                kw["tls"] = True
+            elif key == "insecure":
+                kw["insecure"] = v.lower() in flags
+            elif key == "publish_unknown":
+                kw["publish_unknown"] = v.lower() in flags
+            elif key == "min_interval":
+                kw["min_interval"] = float(v)
+            elif key in ("client_id", "gateway_id", "base_topic", "discovery_prefix"):
+                kw[key] = v
+            else:
+                raise ValueError(f"MQTT URL {url!r}: unknown option {key!r}")
+        kw.update(overrides)
+        return cls(**kw)
+
+    @property
+    def gateway_status_topic(self) -> str:
+        return f"{self.base_topic}/{self.gateway_id}/status"
+
+    @property
+    def ha_status_topic(self) -> str:
+        return f"{self.discovery_prefix}/status"
+
+    def device_topic(self, mac: str, leaf: str) -> str:
+        return f"{self.base_topic}/{mac_id(mac)}/{leaf}"
+
+    def display(self) -> str:
+        """The broker address without the password, for log lines."""
+        user = f"{self.username}@" if self.username else ""
+        return f"{'mqtts' if self.tls else 'mqtt'}://{user}{self.host}:{self.port}"
+
+
+# -- discovery (pure) -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Sensor:
+    name: str
+    device_class: str | None
+    unit: str | None
+    precision: int | None = None
+    diagnostic: bool = False
+    enabled_by_default: bool = True
+    icon: str | None = None
+
+
+#: The quantities that become HA sensors (any other value is in the state JSON but not discovered).
+SENSORS: dict[str, Sensor] = {
+    "temperature_c": Sensor("Temperature", "temperature", "°C", 1),
+    "humidity_pct": Sensor("Humidity", "humidity", "%", 1),
+    "battery_pct": Sensor("Battery", "battery", "%", 0),
+    "voltage_v": Sensor("Battery voltage", "voltage", "V", 3, diagnostic=True),
+    "moisture_pct": Sensor("Moisture", "moisture", "%", 0),
+    "conductivity_us_cm": Sensor("Conductivity", "conductivity", "µS/cm", 0),
+    "illuminance_lx": Sensor("Illuminance", "illuminance", "lx", 0),
+    "pressure_hpa": Sensor("Pressure", "atmospheric_pressure", "hPa", 1),
+    "dew_point_c": Sensor("Dew point", "temperature", "°C", 1),
+    "co2_ppm": Sensor("Carbon dioxide", "carbon_dioxide", "ppm", 0),
+    "pm25_ug_m3": Sensor("PM2.5", "pm25", "µg/m³", 0),
+    "pm10_ug_m3": Sensor("PM10", "pm10", "µg/m³", 0),
+    "rssi": Sensor("Signal strength", "signal_strength", "dBm", 0, diagnostic=True, enabled_by_default=False),
+}
+
+
+def mac_id(mac: str) -> str:
+    """``a4c138123456`` for any spelling of A4:C1:38:12:34:56."""
+    return normalize_mac(mac).replace(":", "").lower()
+
+
+def node_id(mac: str) -> str:
+    return f"mitherm_{mac_id(mac)}"
+
+
+def expire_after_for(interval: float | None, previous: int | None = None) -> int:
+    """A stable ``expire_after`` for a device reporting every ``interval`` seconds: the smallest bucket
+    covering max(3 × interval, 300). With ``previous`` (the value in use) a small change of the measured
+    interval keeps it (hysteresis), so the discovery payload does not flap at a bucket boundary."""
+    if interval is None or not math.isfinite(interval) or interval <= 0:
+        return previous if previous is not None else EXPIRE_UNKNOWN
+    need = max(3.0 * interval, 300.0)
+    if previous is not None and need <= previous < 2.5 * need:
+        return previous
+    for bucket in EXPIRE_BUCKETS:
+        if bucket >= need:
+            return bucket
+    return int(math.ceil(need / 86400.0) * 86400)
+
+
+def _device_name(state: DeviceState) -> str:
+    if state.name:
+        return state.name
+    return f"{state.model or 'BLE sensor'} {mac_id(state.mac)[6:]}"
+
+
+def _dumps(obj: Any) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def discovered_quantities(state: DeviceState) -> list[str]:
+    """The quantities of ``state`` that get an HA entity, in a stable order."""
+    out = [q for q in SENSORS if q != "rssi" and _is_number(state.values.get(q))]
+    if state.rssi is not None:
+        out.append("rssi")
+    return out
+
+
+def _is_number(v: object) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def discovery_messages(
+    state: DeviceState, settings: MqttSettings, expire_after: int | None = None
+) -> list[tuple[str, bytes]]:
+    """The retained HA discovery configs for one device: ``[(topic, payload), …]``, one per quantity it
+    reports. Pure and byte-stable: the same state facts give the same bytes (no timestamps, sorted keys,
+    nothing from the client id). ``expire_after`` overrides the value derived from
+    ``state.data_interval``."""
+    node = node_id(state.mac)
+    mac = normalize_mac(state.mac)
+    expire = expire_after if expire_after is not None else expire_after_for(state.data_interval)
+    device: dict[str, Any] = {
+        "connections": [["bluetooth", mac]],
+        "identifiers": [node],
+        "name": _device_name(state),
+    }
+    info = by_product_id(state.product_id) if state.product_id is not None else None
+    if info is not None:
+        device["manufacturer"] = info.manufacturer
+    if state.model or info is not None:
+        device["model"] = state.model or info.model  # type: ignore[union-attr]
+    if state.format:
+        device["sw_version"] = state.format
+    availability = [
+        {"topic": settings.gateway_status_topic},
+        {"topic": settings.device_topic(mac, "availability")},
+    ]
+    messages = []
+    for quantity in discovered_quantities(state):
+        sensor = SENSORS[quantity]
+        config: dict[str, Any] = {
+            "availability": availability,
+            "availability_mode": "all",
+            "device": device,
+            "expire_after": expire,
+            "name": sensor.name,
+            "origin": {"name": "mitherm", "sw_version": __version__},
+            "state_class": "measurement",
+            "state_topic": settings.device_topic(mac, "state"),
+            "unique_id": f"{node}_{quantity}",
+            "value_template": f"{{{{ value_json.{quantity} }}}}",
+        }
+        if sensor.device_class:
+            config["device_class"] = sensor.device_class
+        if sensor.unit:
+            config["unit_of_measurement"] = sensor.unit
+        if sensor.precision is not None:
+            config["suggested_display_precision"] = sensor.precision
+        if sensor.diagnostic:
+            config["entity_category"] = "diagnostic"
+        if not sensor.enabled_by_default:
+            config["enabled_by_default"] = False
+        topic = f"{settings.discovery_prefix}/sensor/{node}/{_sanitize_id(quantity)}/config"
+        messages.append((topic, _dumps(config)))
+    return messages
+
+
+def state_payload(state: DeviceState) -> bytes:
+    """The JSON published on ``<base>/<id>/state``: the latest values at the top level plus ``rssi``,
+    ``receiver``, ``last_seen`` (ISO 8601 UTC), ``key_status`` (and ``key_verdict`` when the key fails)."""
+    obj: dict[str, Any] = {}
+    for k, v in state.values.items():
+        if isinstance(v, float) and not math.isfinite(v):
+            continue
+        obj[k] = v
+    obj["rssi"] = state.rssi
+    obj["receiver"] = state.receiver
+    obj["last_seen"] = (
+        datetime.fromtimestamp(state.last_seen, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+        if state.last_seen
+        else None
+    )
+    obj["key_status"] = state.key_status
+    if state.key_verdict:
+        obj["key_verdict"] = state.key_verdict
+    return _dumps(obj)
+
+
+def _significant(state: DeviceState) -> bytes:
+    """What makes a state a change: the values and key status, not last_seen / rssi / receiver."""
+    return _dumps([state.values, state.key_status, state.key_verdict])
+
+
+# -- outbox ---------------------------------------------------------------------------------------------
+
+_PRIO_GATEWAY, _PRIO_DISCOVERY, _PRIO_AVAILABILITY, _PRIO_STATE = 0, 1, 2, 3
+
+
+@dataclass(slots=True, eq=False)
+class _Msg:
+    topic: str
+    payload: bytes
+    retain: bool
+    prio: int
+    due: float = 0.0  # time.monotonic()
+    mac: str | None = None
+    signature: bytes | None = None  # state messages: see _significant
+    on_disk: bool = False
+    seq: int = 0
+
+
+class _Outbox:
+    """The on-disk copy of the messages waiting while the broker is unreachable: one row per topic,
+    newest payload wins, at most ``limit`` rows (the oldest state rows go first)."""
+
+    def __init__(self, path: Path, limit: int) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self.limit = limit
+        self._db = sqlite3.connect(str(path), isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS outbox (topic TEXT PRIMARY KEY, payload BLOB NOT NULL, "
+            "retain INTEGER NOT NULL, prio INTEGER NOT NULL, seq INTEGER NOT NULL)"
+        )
+        row = self._db.execute("SELECT max(seq) FROM outbox").fetchone()
+        self._seq = row[0] or 0
+
+    def put(self, msgs: list[_Msg]) -> None:
+        if not msgs:
+            return
+        rows = []
+        for m in msgs:
+            self._seq += 1
+            m.on_disk = True
+            rows.append((m.topic, m.payload, int(m.retain), m.prio, self._seq))
+        self._db.execute("BEGIN")
+        self._db.executemany(
+            "INSERT INTO outbox (topic, payload, retain, prio, seq) VALUES (?, ?, ?, ?, ?) ON CONFLICT (topic) "
+            "DO UPDATE SET payload = excluded.payload, retain = excluded.retain, prio = excluded.prio, "
+            "seq = excluded.seq",
+            rows,
+        )
+        excess = self._db.execute("SELECT count(*) FROM outbox").fetchone()[0] - self.limit
+        if excess > 0:
+            log.warning("mqtt: outbox full (%d topics): dropping the %d oldest", self.limit, excess)
+            self._db.execute(
+                "DELETE FROM outbox WHERE topic IN (SELECT topic FROM outbox ORDER BY prio DESC, seq LIMIT ?)",
+                (excess,),
+            )
+        self._db.execute("COMMIT")
+
+    def delete(self, msg: _Msg) -> None:
+        """Remove the row of a published message, unless a newer payload replaced it meanwhile."""
+        self._db.execute("DELETE FROM outbox WHERE topic = ? AND payload = ?", (msg.topic, msg.payload))
+
+    def load(self) -> list[_Msg]:
+        rows = self._db.execute("SELECT topic, payload, retain, prio, seq FROM outbox ORDER BY seq").fetchall()
+        return [_Msg(t, bytes(p), bool(r), prio, 0.0, on_disk=True, seq=s) for t, p, r, prio, s in rows]
+
+    def __len__(self) -> int:
+        return self._db.execute("SELECT count(*) FROM outbox").fetchone()[0]
+
+    def close(self) -> None:
+        self._db.close()
+
+
+# -- publisher ------------------------------------------------------------------------------------------
+
+
+class MqttPublisher:
+    """Publishes device states and HA discovery; survives broker outages.
+
+    Use::
+
+        pub = MqttPublisher(settings)
+        task = asyncio.create_task(pub.run())
+        pub.publish_state(state)            # non-blocking, from the pipeline
+        pub.set_available(mac, False)       # the pipeline decides when a device is gone
+        await pub.stop()                    # flushes held-back states, publishes offline, disconnects
+    """
+
+    def __init__(self, settings: MqttSettings) -> None:
+        self.settings = settings
+        path = settings.outbox_path or data_dir() / f"mqtt-outbox-{settings.gateway_id}.sqlite3"
+        self._outbox = _Outbox(Path(path), settings.outbox_max)
+        self._due: dict[str, _Msg] = {m.topic: m for m in self._outbox.load()}
+        self._seq = max((m.seq for m in self._due.values()), default=0)
+        self._discovery: dict[str, dict[str, bytes]] = {}  # mac -> {topic: payload} announced
+        self._expire: dict[str, int] = {}  # mac -> expire_after in use
+        self._available: dict[str, bool] = {}
+        self._last_pub: dict[str, float] = {}  # mac -> monotonic time of the last state publish
+        self._last_sig: dict[str, bytes] = {}
+        self._client: aiomqtt.Client | None = None
+        self._connected = asyncio.Event()
+        self._wake = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._finished = asyncio.Event()
+        self._running = False
+        self.published = 0  # messages acknowledged by the broker (for tests and health)
+        if self._due:
+            log.info("mqtt: %d messages waiting in %s from a previous run", len(self._due), self._outbox.path)
+
+    # -- pipeline API ----------------------------------------------------------------------------------
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    @property
+    def backlog(self) -> int:
+        """Messages not yet acknowledged by the broker (held-back states included)."""
+        return len(self._due)
+
+    def wants(self, state: DeviceState) -> bool:
+        return state.known or self.settings.publish_unknown
+
+    def publish_state(self, state: DeviceState) -> None:
+        """Queue a device's state. The first state of a device and any changed state go out at once,
+        unless the device published less than ``min_interval`` ago: then it is held back and published
+        when the interval ends (a newer state replaces a held-back one; the newest is never dropped).
+        Announces the device (discovery, availability ``online``) when first seen or when its
+        discovery changes (a new quantity, a new expire_after bucket, a rename)."""
+        if not self.wants(state):
+            return
+        mac = normalize_mac(state.mac)
+        now = time.monotonic()
+        s = self.settings
+        if s.discovery:
+            expire = expire_after_for(state.data_interval, self._expire.get(mac))
+            self._expire[mac] = expire
+            announced = self._discovery.setdefault(mac, {})
+            for topic, payload in discovery_messages(state, s, expire):
+                if announced.get(topic) != payload:
+                    announced[topic] = payload
+                    self._enqueue(_Msg(topic, payload, True, _PRIO_DISCOVERY, now, mac))
+        if not self._available.get(mac):
+            # first state, or a state after the pipeline marked it unavailable: the device is alive
+            self._set_available(mac, True, now)
+        sig = _significant(state)
+        last = self._last_pub.get(mac)
+        if last is None:
+            due = now
+        else:
+            wait = s.min_interval
+            if s.refresh_unchanged and sig == self._last_sig.get(mac):
+                wait = max(wait, self._expire.get(mac, EXPIRE_UNKNOWN) / 3.0)
+            due = max(now, last + wait)
+        topic = s.device_topic(mac, "state")
+        held = self._due.get(topic)
+        if held is not None:
+            due = min(due, held.due)  # a newer state never delays one already scheduled
+        self._enqueue(_Msg(topic, state_payload(state), s.retain_state, _PRIO_STATE, due, mac, sig))
+
+    def set_available(self, mac: str, available: bool) -> None:
+        """Publish a device's availability (``online``/``offline``, retained). HA shows the device's
+        entities unavailable while it is offline. The next ``publish_state`` of the device marks it
+        online again."""
+        mac = normalize_mac(mac)
+        if self._available.get(mac) is available:
+            return
+        self._set_available(mac, available, time.monotonic())
+
+    def forget_device(self, mac: str) -> None:
+        """Remove a device from HA and the broker: empty retained payloads on its discovery, state and
+        availability topics."""
+        mac = normalize_mac(mac)
+        now = time.monotonic()
+        topics = list(self._discovery.pop(mac, {}))
+        topics += [self.settings.device_topic(mac, "state"), self.settings.device_topic(mac, "availability")]
+        for topic in topics:
+            self._enqueue(_Msg(topic, b"", True, _PRIO_DISCOVERY, now, mac))
+        for d in (self._expire, self._available, self._last_pub, self._last_sig):
+            d.pop(mac, None)
+
+    def announce_all(self) -> None:
+        """Queue discovery and availability of every device seen (done on each connection and when HA
+        sends its birth message)."""
+        now = time.monotonic()
+        for mac, announced in self._discovery.items():
+            for topic, payload in announced.items():
+                self._enqueue(_Msg(topic, payload, True, _PRIO_DISCOVERY, now, mac), replace_newer=False)
+        for mac, available in self._available.items():
+            self._enqueue(
+                _Msg(self.settings.device_topic(mac, "availability"), b"online" if available else b"offline",
+                     True, _PRIO_AVAILABILITY, now, mac),
+                replace_newer=False,
+            )
+
+    def _set_available(self, mac: str, available: bool, now: float) -> None:
+        self._available[mac] = available
+        payload = b"online" if available else b"offline"
+        self._enqueue(_Msg(self.settings.device_topic(mac, "availability"), payload, True, _PRIO_AVAILABILITY,
+                           now, mac))
+
+    def _enqueue(self, msg: _Msg, replace_newer: bool = True) -> None:
+        if not replace_newer and msg.topic in self._due:
+            return  # something newer for this topic is already waiting
+        self._seq += 1
+        msg.seq = self._seq
+        self._due[msg.topic] = msg
+        if not self._connected.is_set():
+            try:
+                self._outbox.put([msg])
+            except sqlite3.Error as e:  # the in-memory copy still gets sent
+                log.warning("mqtt: cannot write the outbox %s: %s", self._outbox.path, e)
+        self._wake.set()
+
+    # -- connection ------------------------------------------------------------------------------------
+
+    def _client_args(self) -> dict[str, Any]:
+        s = self.settings
+        tls_context = None
+        if s.tls:
+            tls_context = ssl.create_default_context(cafile=s.ca)
+            if s.insecure:
+                tls_context.check_hostname = False
+                tls_context.verify_mode = ssl.CERT_NONE
+        return {
+            "hostname": s.host,
+            "port": s.port,
+            "username": s.username,
+            "password": s.password,
+            "identifier": s.client_id,
+            "keepalive": s.keepalive,
+            "timeout": 10.0,
+            "tls_context": tls_context,
+            "will": aiomqtt.Will(s.gateway_status_topic, b"offline", qos=1, retain=True),
+            "logger": logging.getLogger(f"{__name__}.client"),
+        }
+
+    async def run(self) -> None:
+        """Connect, publish, and reconnect with exponential backoff until :meth:`stop`."""
+        if self._running:
+            raise RuntimeError("MqttPublisher.run() is already running")
+        self._running = True
+        s = self.settings
+        delay = s.reconnect_initial
+        outage_since: float | None = None
+        failures = 0
+        try:
+            while not self._stopping.is_set():
+                try:
+                    async with aiomqtt.Client(**self._client_args()) as client:
+                        self._client = client
+                        if outage_since is not None:
+                            log.warning(
+                                "mqtt: connected to %s again after %.0f s; sending %d waiting messages",
+                                s.display(), time.monotonic() - outage_since, len(self._due),
+                            )
+                        else:
+                            log.info("mqtt: connected to %s as %s", s.display(), s.client_id)
+                        outage_since, failures, delay = None, 0, s.reconnect_initial
+                        await self._session(client)
+                        return  # stop() asked: clean disconnect when leaving the context
+                except aiomqtt.MqttError as e:
+                    if self._stopping.is_set():
+                        break
+                    failures += 1
+                    if outage_since is None:
+                        outage_since = time.monotonic()
+                    # One warning per outage, then one per minute at most (the backoff caps the rate).
+                    level = logging.WARNING if failures == 1 or delay >= s.reconnect_max else logging.INFO
+                    log.log(level, "mqtt: broker %s unreachable (%s); retrying in %.1f s (%d messages waiting)",
+                            s.display(), e, delay, len(self._due))
+                finally:
+                    self._client = None
+                    if self._connected.is_set():
+                        self._connected.clear()
+                        self._persist()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), timeout=delay)
+                delay = min(delay * 2, s.reconnect_max)
+        finally:
+            self._running = False
+            self._finished.set()
+
+    def _persist(self) -> None:
+        """Copy the waiting messages to disk (the broker went away)."""
+        waiting = [m for m in self._due.values() if not m.on_disk]
+        try:
+            self._outbox.put(waiting)
+        except sqlite3.Error as e:
+            log.warning("mqtt: cannot write the outbox %s: %s", self._outbox.path, e)
+
+    async def _session(self, client: aiomqtt.Client) -> None:
+        s = self.settings
+        await client.publish(s.gateway_status_topic, b"online", qos=1, retain=True)
+        await client.subscribe(s.ha_status_topic, qos=1)
+        self._connected.set()
+        self.announce_all()  # the broker may have lost its retained messages
+        sender = asyncio.create_task(self._sender(client), name="mitherm-mqtt-sender")
+        listener = asyncio.create_task(self._listener(client), name="mitherm-mqtt-listener")
+        try:
+            done, _ = await asyncio.wait({sender, listener}, return_when=asyncio.FIRST_COMPLETED)
+            for t in done:
+                if t.exception() is not None:
+                    raise t.exception()  # type: ignore[misc]
+            if not self._stopping.is_set():
+                raise aiomqtt.MqttError("the MQTT session ended unexpectedly")
+        finally:
+            for t in (sender, listener):
+                t.cancel()
+            await asyncio.gather(sender, listener, return_exceptions=True)
+        # the sender returns after stop() once it has sent everything (held-back states included)
+        await client.publish(s.gateway_status_topic, b"offline", qos=1, retain=True, timeout=10.0)
+
+    async def _listener(self, client: aiomqtt.Client) -> None:
+        async for message in client.messages:
+            if message.topic.matches(self.settings.ha_status_topic) and message.payload in (b"online", "online"):
+                log.info("mqtt: Home Assistant is online: announcing %d devices", len(self._discovery))
+                self.announce_all()
+
+    async def _sender(self, client: aiomqtt.Client) -> None:
+        while True:
+            self._wake.clear()
+            if self._stopping.is_set():
+                await self._send_due(client, flush_all=True)
+                return
+            next_due = await self._send_due(client)
+            timeout = None if next_due is None else max(0.0, next_due - time.monotonic())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=timeout)
+
+    async def _send_due(self, client: aiomqtt.Client, flush_all: bool = False) -> float | None:
+        """Publish the messages that are due; return the monotonic time of the next one (or None)."""
+        now = time.monotonic()
+        ready = sorted(
+            (m for m in self._due.values() if flush_all or m.due <= now), key=lambda m: (m.prio, m.seq)
+        )
+        for m in ready:
+            await client.publish(m.topic, m.payload, qos=self.settings.qos, retain=m.retain, timeout=10.0)
+            self.published += 1
+            if self._due.get(m.topic) is m:
+                del self._due[m.topic]
+            if m.on_disk:
+                try:
+                    self._outbox.delete(m)
+                except sqlite3.Error as e:
+                    log.warning("mqtt: cannot update the outbox %s: %s", self._outbox.path, e)
+            if m.prio == _PRIO_STATE and m.mac is not None:
+                self._last_pub[m.mac] = time.monotonic()
+                if m.signature is not None:
+                    self._last_sig[m.mac] = m.signature
+        return min((m.due for m in self._due.values()), default=None)
+
+    async def wait_connected(self, timeout: float | None = None) -> None:
+        await asyncio.wait_for(self._connected.wait(), timeout)
+
+    async def wait_idle(self, timeout: float | None = None) -> None:
+        """Wait until nothing is waiting (held-back states included) — for tests and shutdown."""
+
+        async def idle() -> None:
+            while self._due or not self._connected.is_set():
+                await asyncio.sleep(0.01)
+
+        await asyncio.wait_for(idle(), timeout)
+
+    async def stop(self, timeout: float = 10.0) -> None:
+        """Publish held-back states and ``offline``, disconnect cleanly and close the outbox. When the
+        broker is unreachable, waiting messages stay on disk for the next run."""
+        self._stopping.set()
+        self._wake.set()
+        if self._running:
+            try:
+                await asyncio.wait_for(self._finished.wait(), timeout)
+            except TimeoutError:
+                log.warning("mqtt: could not stop cleanly within %.0f s", timeout)
+        if not self._connected.is_set():
+            self._persist()
+        self._outbox.close()

@@ -1,0 +1,471 @@
+"""MQTT publisher and HA discovery, against a real Mosquitto broker."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from dataclasses import replace
+from pathlib import Path
+
+import aiomqtt
+import pytest
+from mqtt_broker import find_mosquitto, free_port, start_mosquitto, stop_mosquitto
+
+from mitherm.mqtt import (
+    MqttPublisher,
+    MqttSettings,
+    discovery_messages,
+    expire_after_for,
+    state_payload,
+)
+from mitherm.state import DeviceState, KeyStatus
+
+pytestmark = pytest.mark.skipif(find_mosquitto() is None, reason="mosquitto is not installed")
+
+MAC = "A4:C1:38:12:34:56"
+
+
+@pytest.fixture(scope="session")
+def broker(tmp_path_factory):
+    proc, port = start_mosquitto(tmp_path_factory.mktemp("mosquitto"))
+    yield port
+    stop_mosquitto(proc)
+
+
+def make_settings(port: int, tmp_path: Path, **kw) -> MqttSettings:
+    tag = uuid.uuid4().hex[:8]  # retained messages of other tests never interfere
+    base = {
+        "host": "127.0.0.1",
+        "port": port,
+        "base_topic": f"mt{tag}",
+        "discovery_prefix": f"ha{tag}",
+        "gateway_id": "testgw",
+        "min_interval": 0.0,
+        "reconnect_initial": 0.05,
+        "reconnect_max": 0.3,
+        "outbox_path": tmp_path / f"outbox-{tag}.sqlite3",
+    }
+    base.update(kw)
+    return MqttSettings(**base)
+
+
+def make_state(mac: str = MAC, known: bool = True, **kw) -> DeviceState:
+    st = DeviceState(
+        mac=mac,
+        name="Kitchen",
+        model="LYWSD03MMC",
+        product_id=0x055B,
+        format="pvvx",
+        values={"temperature_c": 21.5, "humidity_pct": 45.2, "battery_pct": 87, "voltage_v": 2.981},
+        rssi=-71,
+        receiver="hci0",
+        last_seen=1_700_000_000.0,
+        first_seen=1_699_990_000.0,
+        key_status=KeyStatus.NOT_NEEDED,
+        data_interval=10.0,
+        known=known,
+    )
+    for k, v in kw.items():
+        setattr(st, k, v)
+    return st
+
+
+class Collector:
+    """A second MQTT client that records what it receives."""
+
+    def __init__(self, port: int, *topics: str) -> None:
+        self.port = port
+        self.topics = topics
+        self.messages: list[tuple[str, bytes, bool]] = []
+        self._task: asyncio.Task | None = None
+        self._ready = asyncio.Event()
+
+    async def __aenter__(self) -> Collector:
+        self._task = asyncio.create_task(self._run())
+        await asyncio.wait_for(self._ready.wait(), 5)
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        assert self._task is not None
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+
+    async def _run(self) -> None:
+        async with aiomqtt.Client("127.0.0.1", self.port, identifier=f"collector-{uuid.uuid4().hex[:6]}") as c:
+            for t in self.topics:
+                await c.subscribe(t, qos=1)
+            self.client = c
+            self._ready.set()
+            async for m in c.messages:
+                self.messages.append((str(m.topic), bytes(m.payload), m.retain))
+
+    def on(self, topic: str) -> list[bytes]:
+        return [p for t, p, _ in self.messages if t == topic]
+
+    def last(self, topic: str) -> bytes | None:
+        got = self.on(topic)
+        return got[-1] if got else None
+
+    async def wait_for(self, pred, timeout: float = 5.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not pred():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out; received {self.messages}")
+            await asyncio.sleep(0.01)
+
+
+@contextlib.asynccontextmanager
+async def running(settings: MqttSettings):
+    pub = MqttPublisher(settings)
+    task = asyncio.create_task(pub.run())
+    try:
+        yield pub
+    finally:
+        await pub.stop()
+        await asyncio.wait_for(task, 5)
+
+
+# -- pure parts -----------------------------------------------------------------------------------------
+
+
+def test_settings_from_url():
+    s = MqttSettings.from_url("mqtt://broker.lan")
+    assert (s.host, s.port, s.tls, s.username, s.password) == ("broker.lan", 1883, False, None, None)
+    s = MqttSettings.from_url("mqtts://me:p%40ss@broker.lan?ca=/etc/ca.pem&insecure=1")
+    assert (s.host, s.port, s.tls, s.username, s.password) == ("broker.lan", 8883, True, "me", "p@ss")
+    assert (s.ca, s.insecure) == ("/etc/ca.pem", True)
+    s = MqttSettings.from_url("mqtt://10.0.0.2:1884?publish_unknown=1&min_interval=5", gateway_id="Attic Pi")
+    assert (s.port, s.publish_unknown, s.min_interval, s.gateway_id) == (1884, True, 5.0, "Attic_Pi")
+    assert s.client_id.startswith("mitherm-Attic_Pi-") and len(s.client_id) == len("mitherm-Attic_Pi-") + 6
+    assert MqttSettings.from_url("mqtt://h").client_id != MqttSettings.from_url("mqtt://h").client_id
+    assert "p@ss" not in MqttSettings.from_url("mqtt://u:p%40ss@h").display()
+    for bad in ("http://h", "mqtt://", "mqtt://h?bogus=1"):
+        with pytest.raises(ValueError):
+            MqttSettings.from_url(bad)
+
+
+def test_discovery_exact_payload():
+    s = MqttSettings(gateway_id="gw1", client_id="x")
+    msgs = dict(discovery_messages(make_state(), s))
+    assert list(msgs) == [
+        "homeassistant/sensor/mitherm_a4c138123456/temperature_c/config",
+        "homeassistant/sensor/mitherm_a4c138123456/humidity_pct/config",
+        "homeassistant/sensor/mitherm_a4c138123456/battery_pct/config",
+        "homeassistant/sensor/mitherm_a4c138123456/voltage_v/config",
+        "homeassistant/sensor/mitherm_a4c138123456/rssi/config",
+    ]
+    expected = (
+        '{"availability":[{"topic":"mitherm/gw1/status"},{"topic":"mitherm/a4c138123456/availability"}],'
+        '"availability_mode":"all",'
+        '"device":{"connections":[["bluetooth","A4:C1:38:12:34:56"]],"identifiers":["mitherm_a4c138123456"],'
+        '"manufacturer":"Xiaomi","model":"LYWSD03MMC","name":"Kitchen","sw_version":"pvvx"},'
+        '"device_class":"temperature","expire_after":300,"name":"Temperature",'
+        '"origin":{"name":"mitherm","sw_version":"0.1.0"},"state_class":"measurement",'
+        '"state_topic":"mitherm/a4c138123456/state","suggested_display_precision":1,'
+        '"unique_id":"mitherm_a4c138123456_temperature_c","unit_of_measurement":"°C",'
+        '"value_template":"{{ value_json.temperature_c }}"}'
+    ).encode()
+    assert msgs["homeassistant/sensor/mitherm_a4c138123456/temperature_c/config"] == expected
+    rssi = json.loads(msgs["homeassistant/sensor/mitherm_a4c138123456/rssi/config"])
+    assert (rssi["device_class"], rssi["unit_of_measurement"], rssi["entity_category"]) == (
+        "signal_strength",
+        "dBm",
+        "diagnostic",
+    )
+    assert rssi["enabled_by_default"] is False
+    volt = json.loads(msgs["homeassistant/sensor/mitherm_a4c138123456/voltage_v/config"])
+    assert (volt["device_class"], volt["unit_of_measurement"], volt["entity_category"]) == (
+        "voltage",
+        "V",
+        "diagnostic",
+    )
+    batt = json.loads(msgs["homeassistant/sensor/mitherm_a4c138123456/battery_pct/config"])
+    assert "entity_category" not in batt and batt["device_class"] == "battery"
+
+
+def test_discovery_is_stable_and_only_for_reported_quantities():
+    a = MqttSettings(gateway_id="gw1")
+    b = MqttSettings(gateway_id="gw1")
+    assert a.client_id != b.client_id
+    st = make_state()
+    assert discovery_messages(st, a) == discovery_messages(st, b)
+    # the frame-to-frame facts (values, rssi, last_seen, a jittering interval) do not change discovery
+    st2 = make_state(
+        values={**st.values, "temperature_c": 19.0}, rssi=-90, last_seen=1_800_000_000.0, data_interval=11.3
+    )
+    assert discovery_messages(st2, a) == discovery_messages(st, a)
+    only_temp = make_state(values={"temperature_c": 20.0, "flags": 3, "trigger": True}, rssi=None)
+    topics = [t for t, _ in discovery_messages(only_temp, a)]
+    assert topics == ["homeassistant/sensor/mitherm_a4c138123456/temperature_c/config"]
+    for _, payload in discovery_messages(st, a):
+        text = payload.decode()
+        assert "1700000000" not in text and "1699990000" not in text and a.client_id not in text
+
+
+def test_expire_after_buckets_and_hysteresis():
+    assert expire_after_for(None) == 1800
+    assert expire_after_for(2.5) == 300
+    assert expire_after_for(100) == 300
+    assert expire_after_for(101) == 600
+    assert expire_after_for(600) == 1800  # stock LYWSD03MMC: a reading every ~10 min
+    assert expire_after_for(5000) == 28800
+    assert expire_after_for(86400) == 3 * 86400
+    # at a bucket boundary a jittering interval keeps the value in use
+    assert expire_after_for(99, previous=600) == 600
+    assert expire_after_for(101, previous=600) == 600
+    assert expire_after_for(10, previous=1800) == 300  # much faster now: follow it
+    assert expire_after_for(199, previous=1200) == 1200  # 3 x 199 = 597 is at the 600 boundary
+    assert expire_after_for(201, previous=1200) == 1200
+    assert expire_after_for(250, previous=600) == 1200  # no longer covered: grow
+
+
+def test_state_payload():
+    p = json.loads(state_payload(make_state(key_status=KeyStatus.FAILED, key_verdict="wrong key")))
+    assert p == {
+        "temperature_c": 21.5,
+        "humidity_pct": 45.2,
+        "battery_pct": 87,
+        "voltage_v": 2.981,
+        "rssi": -71,
+        "receiver": "hci0",
+        "last_seen": "2023-11-14T22:13:20Z",
+        "key_status": "key_failed",
+        "key_verdict": "wrong key",
+    }
+
+
+# -- against the broker ---------------------------------------------------------------------------------
+
+
+async def test_state_discovery_and_availability_are_retained(broker, tmp_path):
+    s = make_settings(broker, tmp_path)
+    async with running(s) as pub:
+        await pub.wait_connected(5)
+        pub.publish_state(make_state())
+        await pub.wait_idle(5)
+        # a client arriving later gets everything from the broker's retained store
+        async with Collector(broker, f"{s.base_topic}/#", f"{s.discovery_prefix}/#") as c:
+            await c.wait_for(lambda: len(c.messages) >= 8)
+            state_topic = f"{s.base_topic}/a4c138123456/state"
+            assert json.loads(c.last(state_topic))["temperature_c"] == 21.5
+            assert c.last(f"{s.base_topic}/a4c138123456/availability") == b"online"
+            assert c.last(f"{s.base_topic}/testgw/status") == b"online"
+            configs = [t for t, _, _ in c.messages if t.endswith("/config")]
+            assert len(configs) == 5
+            assert all(r for _, _, r in c.messages)  # all retained
+            expected = dict(discovery_messages(make_state(), s))
+            for topic, payload in expected.items():
+                assert c.last(topic) == payload
+
+            pub.set_available(MAC, False)
+            await c.wait_for(lambda: c.last(f"{s.base_topic}/a4c138123456/availability") == b"offline")
+            pub.publish_state(make_state(values={"temperature_c": 22.0}))
+            await c.wait_for(lambda: c.last(f"{s.base_topic}/a4c138123456/availability") == b"online")
+    # a clean stop says offline
+    async with Collector(broker, f"{s.base_topic}/testgw/status") as c:
+        await c.wait_for(lambda: c.last(f"{s.base_topic}/testgw/status") == b"offline")
+
+
+async def test_two_instances_publish_identical_discovery(broker, tmp_path):
+    s1 = make_settings(broker, tmp_path)
+    s2 = replace(s1, client_id="", outbox_path=tmp_path / "other.sqlite3")
+    s2.__post_init__()
+    assert s1.client_id != s2.client_id
+    got = []
+    for s in (s1, s2):
+        async with running(s) as pub:
+            pub.publish_state(make_state())
+            await pub.wait_idle(5)
+            async with Collector(broker, f"{s.discovery_prefix}/#") as c:
+                await c.wait_for(lambda c=c: len(c.messages) >= 5)
+                got.append(sorted(c.messages))
+    assert got[0] == got[1]
+
+
+async def test_last_will_on_unclean_disconnect(broker, tmp_path):
+    s = make_settings(broker, tmp_path)
+    script = textwrap.dedent(
+        f"""
+        import asyncio, sys
+        from pathlib import Path
+        from mitherm.mqtt import MqttPublisher, MqttSettings
+        async def main():
+            s = MqttSettings(host="127.0.0.1", port={broker}, base_topic={s.base_topic!r},
+                             discovery_prefix={s.discovery_prefix!r}, gateway_id="testgw",
+                             outbox_path=Path({str(tmp_path / "child.sqlite3")!r}))
+            pub = MqttPublisher(s)
+            task = asyncio.create_task(pub.run())
+            await pub.wait_connected(5)
+            print("connected", flush=True)
+            await asyncio.sleep(60)
+        asyncio.run(main())
+        """
+    )
+    topic = f"{s.base_topic}/testgw/status"
+    async with Collector(broker, topic) as c:
+        proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+        try:
+            line = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), 15)
+            assert line.strip() == "connected"
+            await c.wait_for(lambda: c.last(topic) == b"online")
+            os.kill(proc.pid, signal.SIGKILL)
+            await c.wait_for(lambda: c.last(topic) == b"offline")
+        finally:
+            proc.kill()
+            proc.wait()
+    assert c.on(topic) == [b"online", b"offline"]
+
+
+async def test_reannounce_when_home_assistant_comes_online(broker, tmp_path):
+    s = make_settings(broker, tmp_path)
+    async with running(s) as pub:
+        pub.publish_state(make_state())
+        await pub.wait_idle(5)
+        async with Collector(broker, f"{s.discovery_prefix}/sensor/#", f"{s.base_topic}/+/availability") as c:
+            await c.wait_for(lambda: len(c.messages) >= 6)
+            assert all(r for _, _, r in c.messages)
+            c.messages.clear()
+            await c.client.publish(s.ha_status_topic, b"offline")
+            await asyncio.sleep(0.1)
+            assert c.messages == []
+            await c.client.publish(s.ha_status_topic, b"online")
+            await c.wait_for(lambda: len(c.messages) >= 6)
+            assert {t for t, _, _ in c.messages} == {
+                *(t for t, _ in discovery_messages(make_state(), s)),
+                f"{s.base_topic}/a4c138123456/availability",
+            }
+            assert dict((t, p) for t, p, _ in c.messages if t.endswith("config")) == dict(
+                discovery_messages(make_state(), s)
+            )
+
+
+async def test_rate_limit_holds_back_and_delivers_the_newest(broker, tmp_path):
+    s = make_settings(broker, tmp_path, min_interval=0.6)
+    topic = f"{s.base_topic}/a4c138123456/state"
+    async with Collector(broker, topic) as c, running(s) as pub:
+        await pub.wait_connected(5)
+        t0 = time.monotonic()
+        pub.publish_state(make_state(values={"temperature_c": 20.0}))
+        await c.wait_for(lambda: len(c.on(topic)) == 1)
+        for v in (20.1, 20.2, 20.3):
+            pub.publish_state(make_state(values={"temperature_c": v}))
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.2)
+        assert len(c.on(topic)) == 1  # held back
+        await c.wait_for(lambda: len(c.on(topic)) == 2)
+        assert time.monotonic() - t0 >= 0.55
+        assert [json.loads(p)["temperature_c"] for p in c.on(topic)] == [20.0, 20.3]
+        await asyncio.sleep(0.8)
+        assert len(c.on(topic)) == 2  # nothing more to send
+
+
+async def test_held_back_state_is_sent_on_stop(broker, tmp_path):
+    s = make_settings(broker, tmp_path, min_interval=30)
+    topic = f"{s.base_topic}/a4c138123456/state"
+    async with Collector(broker, topic) as c:
+        async with running(s) as pub:
+            await pub.wait_connected(5)
+            pub.publish_state(make_state(values={"temperature_c": 25.0}))
+            await c.wait_for(lambda: len(c.on(topic)) == 1)
+            pub.publish_state(make_state(values={"temperature_c": 26.0}))
+            await asyncio.sleep(0.1)
+            assert len(c.on(topic)) == 1
+        await c.wait_for(lambda: len(c.on(topic)) == 2)
+        assert json.loads(c.on(topic)[-1])["temperature_c"] == 26.0
+
+
+async def test_unchanged_state_is_not_republished_every_frame(broker, tmp_path):
+    s = make_settings(broker, tmp_path, min_interval=0.2)
+    topic = f"{s.base_topic}/a4c138123456/state"
+    async with Collector(broker, topic) as c, running(s) as pub:
+        await pub.wait_connected(5)
+        for i in range(10):  # same values, new last_seen / rssi: waits for the refresh (expire/3)
+            pub.publish_state(make_state(last_seen=1_700_000_000.0 + i, rssi=-70 - i))
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.4)
+        assert len(c.on(topic)) == 1
+        pub.publish_state(make_state(values={"temperature_c": 1.0}))  # a change goes out
+        await c.wait_for(lambda: len(c.on(topic)) == 2)
+
+
+async def test_publish_unknown(broker, tmp_path):
+    for publish_unknown in (False, True):
+        s = make_settings(broker, tmp_path, publish_unknown=publish_unknown)
+        async with Collector(broker, f"{s.base_topic}/#", f"{s.discovery_prefix}/#") as c:
+            async with running(s) as pub:
+                await pub.wait_connected(5)
+                pub.publish_state(make_state(known=False, name=None))
+                await pub.wait_idle(5)
+                await asyncio.sleep(0.1)
+            topics = {t for t, _, _ in c.messages}
+            device_topics = {t for t in topics if "a4c138123456" in t}
+            if publish_unknown:
+                assert f"{s.base_topic}/a4c138123456/state" in device_topics
+                assert len([t for t in device_topics if t.endswith("/config")]) == 5
+                name = json.loads(c.last(next(t for t in device_topics if t.endswith("/config"))))["device"]["name"]
+                assert name == "LYWSD03MMC 123456"
+            else:
+                assert device_topics == set()
+                assert topics == {f"{s.base_topic}/testgw/status"}
+
+
+async def test_broker_restart_delivers_newest_states_exactly_once(tmp_path):
+    proc, port = start_mosquitto(tmp_path / "b1")
+    macs = [f"A4:C1:38:00:00:{i:02X}" for i in range(5)]
+    s = make_settings(port, tmp_path, min_interval=0.0)
+    pub = MqttPublisher(s)
+    task = asyncio.create_task(pub.run())
+    try:
+        await pub.wait_connected(5)
+        for m in macs:
+            pub.publish_state(make_state(mac=m, values={"temperature_c": 1.0}))
+        await pub.wait_idle(5)
+        stop_mosquitto(proc)
+        await asyncio.sleep(0.2)
+        assert not pub.connected
+        for v in (2.0, 3.0, 4.0):  # while the broker is down
+            for m in macs:
+                pub.publish_state(make_state(mac=m, values={"temperature_c": v}))
+            await asyncio.sleep(0.05)
+        assert pub.backlog >= len(macs)
+        proc, _ = start_mosquitto(tmp_path / "b2", port=port)
+        async with Collector(port, f"{s.base_topic}/+/state") as c:
+            await pub.wait_connected(10)
+            await pub.wait_idle(5)
+            await asyncio.sleep(0.3)
+            for m in macs:
+                topic = f"{s.base_topic}/{m.replace(':', '').lower()}/state"
+                assert [json.loads(p)["temperature_c"] for p in c.on(topic)] == [4.0], c.messages
+    finally:
+        await pub.stop()
+        await asyncio.wait_for(task, 5)
+        stop_mosquitto(proc)
+
+
+async def test_outbox_survives_a_gateway_restart_while_the_broker_is_down(broker, tmp_path):
+    dead = free_port()  # nothing listens here
+    s = make_settings(dead, tmp_path)
+    async with running(s) as pub:
+        pub.publish_state(make_state(values={"temperature_c": 7.5}))
+        await asyncio.sleep(0.1)
+        assert not pub.connected
+    s2 = replace(s, port=broker)
+    topic = f"{s.base_topic}/a4c138123456/state"
+    async with Collector(broker, topic) as c:
+        async with running(s2) as pub2:
+            assert pub2.backlog >= 1
+            await pub2.wait_connected(5)
+            await pub2.wait_idle(5)
+            await c.wait_for(lambda: len(c.on(topic)) == 1)
+        assert json.loads(c.on(topic)[0])["temperature_c"] == 7.5
+    async with running(replace(s, port=broker)) as pub3:  # and it is not sent twice
+        assert pub3.backlog == 0
