@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -17,7 +18,6 @@ from pathlib import Path
 
 import aiomqtt
 import pytest
-from mqtt_broker import find_mosquitto, free_port, start_mosquitto, stop_mosquitto
 
 from mitherm.mqtt import (
     MqttPublisher,
@@ -27,6 +27,7 @@ from mitherm.mqtt import (
     state_payload,
 )
 from mitherm.state import DeviceState, KeyStatus
+from mqtt_broker import find_mosquitto, free_port, self_signed_cert, start_mosquitto, stop_mosquitto
 
 pytestmark = pytest.mark.skipif(find_mosquitto() is None, reason="mosquitto is not installed")
 
@@ -143,6 +144,7 @@ def test_settings_from_url():
     s = MqttSettings.from_url("mqtts://me:p%40ss@broker.lan?ca=/etc/ca.pem&insecure=1")
     assert (s.host, s.port, s.tls, s.username, s.password) == ("broker.lan", 8883, True, "me", "p@ss")
     assert (s.ca, s.insecure) == ("/etc/ca.pem", True)
+    assert MqttSettings.from_url("mqtt://h?ca=/x.pem").port == 8883
     s = MqttSettings.from_url("mqtt://10.0.0.2:1884?publish_unknown=1&min_interval=5", gateway_id="Attic Pi")
     assert (s.port, s.publish_unknown, s.min_interval, s.gateway_id) == (1884, True, 5.0, "Attic_Pi")
     assert s.client_id.startswith("mitherm-Attic_Pi-") and len(s.client_id) == len("mitherm-Attic_Pi-") + 6
@@ -278,7 +280,6 @@ async def test_state_discovery_and_availability_are_retained(broker, tmp_path):
 async def test_two_instances_publish_identical_discovery(broker, tmp_path):
     s1 = make_settings(broker, tmp_path)
     s2 = replace(s1, client_id="", outbox_path=tmp_path / "other.sqlite3")
-    s2.__post_init__()
     assert s1.client_id != s2.client_id
     got = []
     for s in (s1, s2):
@@ -469,3 +470,36 @@ async def test_outbox_survives_a_gateway_restart_while_the_broker_is_down(broker
         assert json.loads(c.on(topic)[0])["temperature_c"] == 7.5
     async with running(replace(s, port=broker)) as pub3:  # and it is not sent twice
         assert pub3.backlog == 0
+
+
+async def test_tls(tmp_path, caplog):
+    certfile, keyfile = self_signed_cert(tmp_path)
+    proc, port = start_mosquitto(tmp_path, extra_conf=f"certfile {certfile}\nkeyfile {keyfile}\n")
+    try:
+        for url in (f"mqtts://127.0.0.1:{port}?ca={certfile}", f"mqtts://localhost:{port}?insecure=1"):
+            s = MqttSettings.from_url(
+                url,
+                **{
+                    k: v
+                    for k, v in vars_of(make_settings(port, tmp_path)).items()
+                    if k not in ("host", "port", "tls", "ca", "insecure")
+                },
+            )
+            async with running(s) as pub:
+                await pub.wait_connected(5)
+                pub.publish_state(make_state())
+                await pub.wait_idle(5)
+                assert pub.published >= 7
+        # without the CA the self-signed certificate is refused, visibly
+        s = make_settings(port, tmp_path, tls=True)
+        with caplog.at_level(logging.WARNING, logger="mitherm.mqtt"):
+            async with running(s) as pub:
+                await asyncio.sleep(0.3)
+                assert not pub.connected
+        assert "CERTIFICATE_VERIFY_FAILED" in caplog.text and "unreachable" in caplog.text
+    finally:
+        stop_mosquitto(proc)
+
+
+def vars_of(s: MqttSettings) -> dict:
+    return {f: getattr(s, f) for f in s.__dataclass_fields__}

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import aiomqtt
 import pytest
-from mqtt_broker import find_mosquitto, free_port, start_mosquitto, stop_mosquitto, wait_port
 
 from mitherm.sources import SourceError
 from mitherm.sources.mqtt_raw import MqttRawSource, advertisement_from_json, receiver_from_topic
+from mqtt_broker import find_mosquitto, free_port, start_mosquitto, stop_mosquitto, wait_port
 
 pytestmark = pytest.mark.skipif(find_mosquitto() is None, reason="mosquitto is not installed")
 

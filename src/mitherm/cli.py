@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import sys
@@ -402,26 +403,33 @@ def _scan_rows(gw: Any) -> list[dict[str, Any]]:
     return rows
 
 
+_UNITS = (
+    ("temperature_c", "{:.1f}°C"),
+    ("humidity_pct", "{:.0f}%"),
+    ("battery_pct", "🔋{}%"),
+    ("voltage_v", "{:.2f}V"),
+)
+
+
+def _short_values(values: dict[str, Any]) -> str:
+    parts = [fmt.format(values[k]) for k, fmt in _UNITS if isinstance(values.get(k), (int, float))]
+    return " ".join(parts)
+
+
 def _scan_table(rows: list[dict[str, Any]]) -> Any:
     from rich.table import Table
 
     t = Table(title="nearby Xiaomi-family and BTHome devices", expand=False)
-    for col in ("address", "name", "model", "format", "key", "rssi", "receiver", "values"):
-        t.add_column(col)
+    t.add_column("address", no_wrap=True)
+    for col in ("name", "model", "format", "key", "rssi", "receiver"):
+        t.add_column(col, overflow="fold")
+    t.add_column("values", no_wrap=True)
     status_style = {"verified": "green", "not_needed": "green", "key_failed": "red", "missing": "yellow"}
     for r in rows:
-        key = r["key_status"] if r["key_status"] != "key_failed" else f"key_failed: {r['key_verdict']}"
-        vals = " ".join(f"{k}={v}" for k, v in r["values"].items())
-        t.add_row(
-            r["mac"],
-            r["name"] or "",
-            r["model"] or "",
-            r["format"] or "",
-            f"[{status_style.get(r['key_status'], 'white')}]{key}[/]",
-            str(r["rssi"] or ""),
-            r["receiver"] or "",
-            vals,
-        )
+        key = r["key_status"] if r["key_status"] != "key_failed" else f"{r['key_verdict']}"
+        t.add_row(r["mac"], r["name"] or "", r["model"] or "", r["format"] or "",
+                  f"[{status_style.get(r['key_status'], 'white')}]{key}[/]", str(r["rssi"] or ""),
+                  r["receiver"] or "", _short_values(r["values"]))
     return t
 
 
@@ -475,9 +483,153 @@ def scan(sources: tuple[str, ...], seconds: float, keys_path: str | None, as_jso
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    import contextlib
-
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(go())
     if as_json:
         click.echo(json.dumps(_scan_rows(gw), ensure_ascii=False))
+
+
+# --- sim and demo ------------------------------------------------------------------------------------
+
+
+def _house_table(house: Any, keys: dict[str, str], title: str) -> Any:
+    from rich.table import Table
+
+    t = Table(title=title)
+    for col in ("address", "name", "kind", "model", "format", "bindkey"):
+        t.add_column(col)
+    for d in house.devices:
+        key = keys.get(d.address) or ""
+        if getattr(d, "demo_wrong_key", False):
+            key = f"[red]{key}[/] (deliberately wrong: ask the doctor)"
+        t.add_row(d.address, d.label or "", d.kind, d.model, d.format, key)
+    return t
+
+
+@main.command()
+@click.option(
+    "--house",
+    "house_spec",
+    default="demo",
+    show_default=True,
+    help="A house TOML file, or 'demo' / 'minimal' for a built-in one.",
+)
+@click.option("--time-factor", type=float, help="Simulated seconds per real second (default: the house's).")
+@click.option("--tcp", "tcp_port", type=int, help="Also serve the virtual radio as a Bumble HCI TCP server on PORT.")
+@click.option("--seconds", type=float, help="Stop after N seconds.")
+@click.option("--json", "as_json", is_flag=True, help="Print the devices and their keys as JSON, then run.")
+def sim(house_spec: str, time_factor: float | None, tcp_port: int | None, seconds: float | None, as_json: bool) -> None:
+    """Run virtual devices on a virtual radio (for other tools to scan, e.g. over --tcp)."""
+    from rich.console import Console
+
+    from .sources import SourceError
+    from .sources.sim_source import SimSource
+
+    try:
+        src = SimSource(house_spec, time_factor=time_factor)
+    except SourceError as e:
+        raise click.ClickException(str(e)) from e
+    house = src.house
+    if as_json:
+        click.echo(json.dumps([{**d.spec(), "address": d.address, "bindkey": d.bindkey} for d in house.devices]))
+    else:
+        Console().print(_house_table(house, house.keys(), f"virtual house ({len(house.devices)} devices)"))
+
+    async def go() -> None:
+        from .radio.virtual import VirtualRadio
+
+        async with VirtualRadio() as radio:
+            src.radio = radio
+            if tcp_port is not None:
+                port = await radio.serve_tcp("127.0.0.1", tcp_port)
+                click.echo(
+                    f"virtual radio on tcp-server 127.0.0.1:{port}: scan it with "
+                    f"`mitherm scan --source bumble:tcp-client:127.0.0.1:{port}`",
+                    err=True,
+                )
+            task = asyncio.create_task(src._advertise(radio))
+            try:
+                await asyncio.wait_for(task, timeout=seconds) if seconds else await task
+            except TimeoutError:
+                pass
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(go())
+
+
+@main.command()
+@click.option("--seconds", type=float, help="Stop after N seconds (default: until Ctrl-C).")
+@click.option("--dir", "demo_dir", type=click.Path(file_okay=False), help="Where the demo keeps its files.")
+@click.option("--mqtt", help="Also publish to this MQTT broker (mqtt://HOST:PORT).")
+@click.option("--print", "print_", is_flag=True, help="JSON lines instead of the live table.")
+def demo(seconds: float | None, demo_dir: str | None, mqtt: str | None, print_: bool) -> None:
+    """See mitherm work with no hardware: a virtual house, the gateway, history and the doctor."""
+    from rich.console import Console
+    from rich.live import Live
+
+    from .keystore import Keystore
+    from .paths import data_dir
+    from .service import RunConfig, Service
+    from .sources.sim_source import SimSource
+
+    base = Path(demo_dir) if demo_dir else data_dir() / "demo"
+    base.mkdir(parents=True, exist_ok=True)
+    src = SimSource("demo")
+    house = src.house
+    keys = house.demo_keys()
+    ks = Keystore(base / "keys.json")
+    for d in house.devices:
+        if ks.get(d.address):
+            ks.remove(d.address)
+        if d.address in keys:
+            ks.add(d.address, keys[d.address], name=d.label, source="manual")
+    ks.save()
+    console = Console(stderr=print_)
+    console.print(_house_table(house, keys, "mitherm demo: a virtual house on a virtual Bluetooth radio"))
+    wrong = next((d for d in house.devices if getattr(d, "demo_wrong_key", False)), None)
+    capture = base / "capture.jsonl"
+    if capture.exists():
+        capture.unlink()
+    console.print(f"keystore: {base / 'keys.json'}   history: {base / 'history.sqlite3'}   capture: {capture}")
+    if wrong is not None:
+        console.print(
+            f"[yellow]{wrong.label} ({wrong.address}) is given a wrong key on purpose.[/] Watch its key status, "
+            f"then ask the doctor:\n  mitherm doctor --capture {capture} --mac {wrong.address} "
+            f"--key {keys[wrong.address]}"
+        )
+    cfg = RunConfig(
+        sources=["sim:demo"],
+        db=str(base / "history.sqlite3"),
+        keys=str(base / "keys.json"),
+        mqtt=mqtt,
+        print=print_,
+        web=False,
+        publish_unknown=True,
+        min_interval=5.0,
+    )
+    service = Service(cfg, sim_source=src, capture_path=str(capture))
+
+    async def go() -> None:
+        task = asyncio.create_task(service.run())
+        try:
+            if print_:
+                await asyncio.wait_for(task, timeout=seconds) if seconds else await task
+                return
+            loop = asyncio.get_running_loop()
+            end = loop.time() + seconds if seconds else None
+            with Live(_scan_table([]), console=console, refresh_per_second=2) as live:
+                while not task.done() and (end is None or loop.time() < end):
+                    await asyncio.sleep(0.5)
+                    if service.gateway is not None:
+                        live.update(_scan_table(_scan_rows(service.gateway)))
+            if task.done():
+                task.result()
+        except TimeoutError:
+            pass
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(go())

@@ -28,6 +28,8 @@ __all__ = ["SCHEMA_VERSION", "DeviceRow", "History", "HistoryError", "HourlyRow"
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
+#: Values kept in memory at most while flushes fail (a full disk, a locked database).
+MAX_BUFFER = 1_000_000
 
 _SCHEMA_V1 = """
 CREATE TABLE IF NOT EXISTS devices (
@@ -133,9 +135,7 @@ class History:
         if str(path) != ":memory:":
             self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            self._db = sqlite3.connect(
-                str(path), check_same_thread=False, isolation_level=None, timeout=30.0
-            )
+            self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None, timeout=30.0)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._migrate()
@@ -157,9 +157,7 @@ class History:
             )
         if version < 1:
             try:
-                self._db.executescript(
-                    f"BEGIN IMMEDIATE; {_SCHEMA_V1} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
-                )
+                self._db.executescript(f"BEGIN IMMEDIATE; {_SCHEMA_V1} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;")
             except BaseException:
                 if self._db.in_transaction:
                     self._db.execute("ROLLBACK")
@@ -238,6 +236,10 @@ class History:
             # database locked) must not lose data. They are retried on the next flush.
             with self._buf_lock:
                 self._buffer[:0] = rows
+                excess = len(self._buffer) - MAX_BUFFER
+                if excess > 0:  # the database stays unwritable: bound the memory, drop the oldest
+                    del self._buffer[:excess]
+                    log.error("history: database unwritable, dropped the %d oldest buffered values", excess)
             raise
         return len(rows)
 

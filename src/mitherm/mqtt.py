@@ -120,17 +120,11 @@ class MqttSettings:
             raise ValueError(f"MQTT URL {url!r}: scheme must be mqtt:// or mqtts://")
         if not parts.hostname:
             raise ValueError(f"MQTT URL {url!r} has no host")
-        tls = parts.scheme in ("mqtts", "ssl")
-        try:
-            port = parts.port or (8883 if tls else 1883)
-        except ValueError as e:
-            raise ValueError(f"MQTT URL {url!r}: {e}") from None
         kw: dict[str, Any] = {
             "host": parts.hostname,
-            "port": port,
             "username": unquote(parts.username) if parts.username else None,
             "password": unquote(parts.password) if parts.password is not None else None,
-            "tls": tls,
+            "tls": parts.scheme in ("mqtts", "ssl"),
         }
         flags = {"1", "true", "yes", "on"}
         for key, values in parse_qs(parts.query, keep_blank_values=True).items():
@@ -148,6 +142,10 @@ class MqttSettings:
                 kw[key] = v
             else:
                 raise ValueError(f"MQTT URL {url!r}: unknown option {key!r}")
+        try:
+            kw["port"] = parts.port or (8883 if kw["tls"] else 1883)
+        except ValueError as e:
+            raise ValueError(f"MQTT URL {url!r}: {e}") from None
         kw.update(overrides)
         return cls(**kw)
 
@@ -330,7 +328,7 @@ def _significant(state: DeviceState) -> bytes:
 
 # -- outbox ---------------------------------------------------------------------------------------------
 
-_PRIO_GATEWAY, _PRIO_DISCOVERY, _PRIO_AVAILABILITY, _PRIO_STATE = 0, 1, 2, 3
+_PRIO_DISCOVERY, _PRIO_AVAILABILITY, _PRIO_STATE = 1, 2, 3  # send order within a batch
 
 
 @dataclass(slots=True, eq=False)
@@ -520,16 +518,23 @@ class MqttPublisher:
                 self._enqueue(_Msg(topic, payload, True, _PRIO_DISCOVERY, now, mac), replace_newer=False)
         for mac, available in self._available.items():
             self._enqueue(
-                _Msg(self.settings.device_topic(mac, "availability"), b"online" if available else b"offline",
-                     True, _PRIO_AVAILABILITY, now, mac),
+                _Msg(
+                    self.settings.device_topic(mac, "availability"),
+                    b"online" if available else b"offline",
+                    True,
+                    _PRIO_AVAILABILITY,
+                    now,
+                    mac,
+                ),
                 replace_newer=False,
             )
 
     def _set_available(self, mac: str, available: bool, now: float) -> None:
         self._available[mac] = available
         payload = b"online" if available else b"offline"
-        self._enqueue(_Msg(self.settings.device_topic(mac, "availability"), payload, True, _PRIO_AVAILABILITY,
-                           now, mac))
+        self._enqueue(
+            _Msg(self.settings.device_topic(mac, "availability"), payload, True, _PRIO_AVAILABILITY, now, mac)
+        )
 
     def _enqueue(self, msg: _Msg, replace_newer: bool = True) -> None:
         if not replace_newer and msg.topic in self._due:
@@ -584,7 +589,9 @@ class MqttPublisher:
                         if outage_since is not None:
                             log.warning(
                                 "mqtt: connected to %s again after %.0f s; sending %d waiting messages",
-                                s.display(), time.monotonic() - outage_since, len(self._due),
+                                s.display(),
+                                time.monotonic() - outage_since,
+                                len(self._due),
                             )
                         else:
                             log.info("mqtt: connected to %s as %s", s.display(), s.client_id)
@@ -599,8 +606,14 @@ class MqttPublisher:
                         outage_since = time.monotonic()
                     # One warning per outage, then one per minute at most (the backoff caps the rate).
                     level = logging.WARNING if failures == 1 or delay >= s.reconnect_max else logging.INFO
-                    log.log(level, "mqtt: broker %s unreachable (%s); retrying in %.1f s (%d messages waiting)",
-                            s.display(), e, delay, len(self._due))
+                    log.log(
+                        level,
+                        "mqtt: broker %s unreachable (%s); retrying in %.1f s (%d messages waiting)",
+                        s.display(),
+                        e,
+                        delay,
+                        len(self._due),
+                    )
                 finally:
                     self._client = None
                     if self._connected.is_set():
@@ -663,9 +676,7 @@ class MqttPublisher:
     async def _send_due(self, client: aiomqtt.Client, flush_all: bool = False) -> float | None:
         """Publish the messages that are due; return the monotonic time of the next one (or None)."""
         now = time.monotonic()
-        ready = sorted(
-            (m for m in self._due.values() if flush_all or m.due <= now), key=lambda m: (m.prio, m.seq)
-        )
+        ready = sorted((m for m in self._due.values() if flush_all or m.due <= now), key=lambda m: (m.prio, m.seq))
         for m in ready:
             await client.publish(m.topic, m.payload, qos=self.settings.qos, retain=m.retain, timeout=10.0)
             self.published += 1
@@ -699,11 +710,12 @@ class MqttPublisher:
         broker is unreachable, waiting messages stay on disk for the next run."""
         self._stopping.set()
         self._wake.set()
-        if self._running:
-            try:
-                await asyncio.wait_for(self._finished.wait(), timeout)
-            except TimeoutError:
-                log.warning("mqtt: could not stop cleanly within %.0f s", timeout)
-        if not self._connected.is_set():
+        try:
+            if self._running:
+                try:
+                    await asyncio.wait_for(self._finished.wait(), timeout)
+                except TimeoutError:
+                    log.warning("mqtt: could not stop cleanly within %.0f s", timeout)
+        finally:  # even when cancelled: what was not sent waits on disk for the next run
             self._persist()
-        self._outbox.close()
+            self._outbox.close()

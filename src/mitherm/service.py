@@ -101,8 +101,12 @@ class MqttSink:
 
 
 class Service:
-    def __init__(self, cfg: RunConfig, *, out: Any = None) -> None:
+    def __init__(
+        self, cfg: RunConfig, *, out: Any = None, sim_source: Any = None, capture_path: str | None = None
+    ) -> None:
         self.cfg = cfg
+        self.sim_source = sim_source  # a prepared SimSource (the demo keeps its house to know the keys)
+        self.capture_path = capture_path  # also write every received advert here (mitherm JSON Lines)
         self.out = out or sys.stdout
         self.keystore: Any = None
         self.history: Any = None
@@ -163,7 +167,15 @@ class Service:
             gw.sinks.append(MqttSink(self.publisher))
             background.append(asyncio.create_task(self.publisher.run(), name="mqtt"))
 
+        writer = None
+        if self.capture_path:
+            from .captures import JsonlWriter
+
+            writer = JsonlWriter(self.capture_path)
+
         def emit(adv: Any) -> None:
+            if writer is not None:
+                writer.write(adv)
             gw.handle(adv)
 
         src_tasks = [asyncio.create_task(s.run(emit), name=f"source:{s.name}") for s in sources]
@@ -187,6 +199,8 @@ class Service:
                 t.cancel()
             await asyncio.gather(*src_tasks, return_exceptions=True)
             await self._shutdown(background)
+            if writer is not None:
+                writer.close()
         return gw
 
     def _write(self, text: str) -> None:

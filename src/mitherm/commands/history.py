@@ -24,6 +24,15 @@ _UNITS = {"s": 1, "m": 60, "min": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 _RELATIVE = re.compile(r"(\d+(?:\.\d+)?)\s*(s|min|m|h|d|w)", re.IGNORECASE)
 #: Column order of the pivoted table: the usual quantities first, then the others alphabetically.
 _PREFERRED = ("temperature_c", "humidity_pct", "battery_pct", "voltage_v")
+#: Short headers for the terminal table (CSV and JSON keep the quantity names).
+_LABELS = {
+    "temperature_c": "°C",
+    "humidity_pct": "RH %",
+    "battery_pct": "battery %",
+    "voltage_v": "V",
+    "moisture_pct": "moisture %",
+    "rssi": "dBm",
+}
 
 
 def parse_time(text: str, now: float | None = None) -> float:
@@ -52,6 +61,10 @@ def _iso(ts: float) -> str:
     return datetime.fromtimestamp(ts).astimezone().isoformat(timespec="seconds")
 
 
+def _local(ts: float) -> str:
+    return datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
+
+
 def _columns(quantities: set[str]) -> list[str]:
     return [q for q in _PREFERRED if q in quantities] + sorted(quantities - set(_PREFERRED))
 
@@ -71,7 +84,7 @@ def _fmt(value: float | None) -> str:
         return ""
     if math.isfinite(value) and value == int(value) and abs(value) < 1e15:
         return str(int(value))
-    return f"{value:.4g}" if abs(value) < 1e-3 else f"{round(value, 4):g}"
+    return f"{value:.4g}" if abs(value) < 1e-3 else str(round(value, 4))
 
 
 def _json_value(value: float) -> float | int:
@@ -127,7 +140,7 @@ def history(
 
 def _print_raw(rows: list[ReadingRow], mac: str, fmt: str | None) -> None:
     columns, pivoted = _pivot(rows)
-    out = click.get_text_stream("stdout")
+    out = sys.stdout
     if fmt == "csv":
         w = csv.writer(out, lineterminator="\n")
         w.writerow(["time", *columns])
@@ -139,14 +152,14 @@ def _print_raw(rows: list[ReadingRow], mac: str, fmt: str | None) -> None:
             obj.update((c, _json_value(values[c])) for c in columns if c in values)
             out.write(json.dumps(obj) + "\n")
     else:
-        table = _table(f"{mac}: {len(pivoted)} readings", ["time", *columns])
+        table = _table(f"{mac}: {len(pivoted)} readings", ["time", *(_LABELS.get(c, c) for c in columns)])
         for ts, values in pivoted:
-            table.add_row(_iso(ts), *(_fmt(values.get(c)) for c in columns))
+            table.add_row(_local(ts), *(_fmt(values.get(c)) for c in columns))
         _show(table, bool(pivoted))
 
 
 def _print_hourly(rows: list[HourlyRow], mac: str, fmt: str | None) -> None:
-    out = click.get_text_stream("stdout")
+    out = sys.stdout
     header = ["hour", "quantity", "min", "mean", "max", "count"]
     if fmt == "csv":
         w = csv.writer(out, lineterminator="\n")
@@ -155,13 +168,20 @@ def _print_hourly(rows: list[HourlyRow], mac: str, fmt: str | None) -> None:
             w.writerow([_iso(r.hour), r.quantity, _fmt(r.min), _fmt(r.mean), _fmt(r.max), r.count])
     elif fmt == "json":
         for r in rows:
-            obj = {"hour": _iso(r.hour), "ts": r.hour, "quantity": r.quantity, "min": _json_value(r.min),
-                   "mean": _json_value(r.mean), "max": _json_value(r.max), "count": r.count}
+            obj = {
+                "hour": _iso(r.hour),
+                "ts": r.hour,
+                "quantity": r.quantity,
+                "min": _json_value(r.min),
+                "mean": _json_value(r.mean),
+                "max": _json_value(r.max),
+                "count": r.count,
+            }
             out.write(json.dumps(obj) + "\n")
     else:
         table = _table(f"{mac}: hourly aggregates", header)
         for r in rows:
-            table.add_row(_iso(r.hour), r.quantity, _fmt(r.min), _fmt(r.mean), _fmt(r.max), str(r.count))
+            table.add_row(_local(r.hour), r.quantity, _fmt(r.min), _fmt(r.mean), _fmt(r.max), str(r.count))
         _show(table, bool(rows))
 
 
@@ -177,7 +197,7 @@ def _table(title: str, header: list[str]):
 def _show(table: Any, any_rows: bool) -> None:
     from rich.console import Console
 
-    console = Console(file=click.get_text_stream("stdout"), soft_wrap=False)
+    console = Console(file=sys.stdout, soft_wrap=False)
     if not any_rows:
         console.print("no readings in this time range (try --since 1w)")
         return

@@ -97,7 +97,7 @@ def _noise(key: int, channel: int, step: int) -> float:
     return _mix(key ^ _mix((channel << 48) ^ (step & _M64))) / 2**63 - 1.0
 
 
-def _rng(seed: Any, purpose: str) -> random.Random:
+def seeded_rng(seed: Any, purpose: str) -> random.Random:
     # One independent stream per purpose, so that giving e.g. an explicit address does not shift the
     # climate or the key drawn from the same seed. String seeds are hashed with SHA-512: stable.
     return random.Random(f"mitherm-sim:{seed}:{purpose}")
@@ -269,7 +269,6 @@ def _mi_object(oid: int, truth: Truth) -> bytes:
 
 
 # BTHome objects: id -> Truth field (None: a fixed value supplied by the packet table).
-BTHOME_PACKET_ID = 0x00
 BTHOME_FIELDS: dict[int, str | None] = {
     0x00: None,  # packet id
     0x01: "battery_pct",
@@ -314,14 +313,14 @@ class Device:
         self.label = label
         self.encrypted = encrypted
         self.demo_wrong_key = demo_wrong_key
-        self.address = normalize_mac(address) if address else random_address(_rng(seed, "address"), oui)
+        self.address = normalize_mac(address) if address else random_address(seeded_rng(seed, "address"), oui)
         self._mac_le = mac_to_le(self.address)
         self._explicit_name = name
         self.name = name or self.default_name()
         self.bindkey: str | None = None
         self._key: Bindkey | None = None
         if encrypted:
-            self._set_key(bindkey if bindkey is not None else random_bindkey(_rng(seed, "bindkey")))
+            self._set_key(bindkey if bindkey is not None else random_bindkey(seeded_rng(seed, "bindkey")))
         elif bindkey is not None:
             raise DeviceConfigError(
                 f"{self.model} ({self.format}) sends plain frames: a bindkey makes no sense", "bindkey"
@@ -331,14 +330,14 @@ class Device:
         self.measure_interval: float | None = None if mi is None else float(mi)
         self.min_interval = float(min_interval)
         self.climate_overrides = dict(climate or {})
-        self.climate = replace(Climate.random(_rng(seed, "climate")), **self.climate_overrides)
-        sched = _rng(seed, "schedule")
+        self.climate = replace(Climate.random(seeded_rng(seed, "climate")), **self.climate_overrides)
+        sched = seeded_rng(seed, "schedule")
         self._jitter_key = sched.getrandbits(64)
         self._measure_phase = sched.uniform(0.0, self.measure_interval or 1.0)
         self._t_adv = sched.uniform(0.0, self.adv_interval)
         self._adv_count = 0
         self._schedule_rng = sched
-        self._faults = _rng(seed, "faults")
+        self._faults = seeded_rng(seed, "faults")
         self.corrupt_probability = 0.0
         self._silent_from = math.inf
         self._silent_until = math.inf
@@ -921,4 +920,5 @@ __all__ = [
     "build_advertising_data",
     "random_address",
     "random_bindkey",
+    "seeded_rng",
 ]

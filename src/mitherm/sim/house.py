@@ -46,8 +46,8 @@ from .devices import (
     DeviceConfigError,
     PvvxDevice,
     StockDevice,
-    _rng,
     random_bindkey,
+    seeded_rng,
 )
 
 
@@ -265,7 +265,7 @@ class House:
         keys = self.keys()
         for i, d in enumerate(self.devices):
             if d.demo_wrong_key and d.bindkey:
-                wrong = random_bindkey(_rng(f"{self.seed}:{i}", "demo-wrong-key"))
+                wrong = random_bindkey(seeded_rng(f"{self.seed}:{i}", "demo-wrong-key"))
                 keys[d.address] = wrong if wrong != d.bindkey else wrong[::-1]
         return keys
 

@@ -47,6 +47,19 @@ def open_source(url: str, **options: object) -> Source:
         from .sim_source import SimSource
 
         return SimSource(rest or "demo", time_factor=options.get("time_factor"))  # type: ignore[arg-type]
+    if scheme == "esphome":
+        from .esphome import esphome_from_url
+
+        return esphome_from_url(url)
+    if scheme in ("hass", "hasss"):
+        from .hass import hass_from_url
+
+        return hass_from_url(url)
+    if scheme in ("mqtt-raw", "mqtts-raw"):
+        from .mqtt_raw import mqtt_raw_from_url
+
+        return mqtt_raw_from_url(url)
     raise SourceError(
-        f"unknown source {url!r}: use bleak:, bleak:hci1, bumble:usb:0, capture:PATH or sim:demo / sim:HOUSE.toml"
+        f"unknown source {url!r}: use bleak:, bleak:hci1, bumble:usb:0, capture:PATH, sim:demo / sim:HOUSE.toml, "
+        "esphome://HOST?key=KEY, hass://HOST:8123?token=TOKEN or mqtt-raw://HOST:1883/home/+/BTtoMQTT/#"
     )

@@ -207,3 +207,24 @@ async def _close(client: Any, unsubscribe: Any) -> None:
         raise
     except Exception:
         client.force_disconnect()
+
+
+def esphome_from_url(url: str, name: str | None = None) -> EsphomeSource:
+    """``esphome://HOST[:PORT]?key=NOISE_PSK[&name=RECEIVER]``."""
+    from urllib.parse import parse_qs, urlsplit
+
+    example = "esphome://kitchen-proxy.local:6053?key=BASE64KEY (the key URL-encoded: + as %2B, / as %2F, = as %3D)"
+    try:
+        parts = urlsplit(url)
+        port = parts.port or 6053
+    except ValueError as e:
+        raise SourceError(f"bad ESPHome source {url!r} ({e}); use {example}") from None
+    if parts.scheme.lower() != "esphome" or not parts.hostname or parts.path not in ("", "/"):
+        raise SourceError(f"bad ESPHome source {url!r}; use {example}")
+    query = parse_qs(parts.query)
+    unknown = set(query) - {"key", "name"}
+    if unknown:
+        raise SourceError(f"unknown option(s) {', '.join(sorted(unknown))} in the ESPHome source; use {example}")
+    # parse_qs turns an unencoded '+' into a space; base64 never contains spaces, so undo that.
+    key = (query.get("key") or [""])[-1].replace(" ", "+") or None
+    return EsphomeSource(parts.hostname, port, noise_psk=key, name=(query.get("name") or [name])[-1])

@@ -118,7 +118,9 @@ def websocket_url(url: str) -> str:
     parts = urlsplit(url)
     scheme = {"http": "ws", "https": "wss", "ws": "ws", "wss": "wss"}.get(parts.scheme.lower())
     if scheme is None or not parts.hostname:
-        raise SourceError(f"not a Home Assistant address: {url!r}; use e.g. ws://homeassistant.local:8123/api/websocket")
+        raise SourceError(
+            f"not a Home Assistant address: {url!r}; use e.g. ws://homeassistant.local:8123/api/websocket"
+        )
     path = parts.path if parts.path not in ("", "/") else "/api/websocket"
     return urlunsplit((scheme, parts.netloc, path, "", ""))
 
@@ -228,3 +230,33 @@ def _subscribe_error(error: Mapping[str, Any]) -> SourceError:
             "or update Home Assistant"
         )
     return SourceError(f"Home Assistant refused bluetooth/subscribe_advertisements: {code} {message}".strip())
+
+
+def hass_from_url(url: str, name: str | None = None) -> HassSource:
+    """``hass://HOST[:PORT][/PATH]?token=TOKEN`` (ws) / ``hasss://…`` (wss); token also from MITHERM_HASS_TOKEN."""
+    import os
+    from urllib.parse import parse_qs, urlsplit
+
+    example = "hass://homeassistant.local:8123?token=LONG_LIVED_TOKEN (or hasss:// for wss)"
+    try:
+        parts = urlsplit(url)
+        port = parts.port or 8123
+    except ValueError as e:
+        raise SourceError(f"bad Home Assistant source ({e}); use {example}") from None
+    scheme = parts.scheme.lower()
+    if scheme not in ("hass", "hasss") or not parts.hostname:
+        raise SourceError(f"bad Home Assistant source; use {example}")
+    query = parse_qs(parts.query)
+    unknown = set(query) - {"token", "name"}
+    if unknown:
+        raise SourceError(f"unknown option(s) {', '.join(sorted(unknown))} in the Home Assistant source; use {example}")
+    token = (query.get("token") or [""])[-1] or os.environ.get("MITHERM_HASS_TOKEN", "")
+    if not token:
+        raise SourceError(
+            f"the Home Assistant source needs ?token=… or MITHERM_HASS_TOKEN; it {TOKEN_HELP}. Example: {example}"
+        )
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    ws_url = (
+        f"{'wss' if scheme == 'hasss' else 'ws'}://{host}:{port}{parts.path if parts.path not in ('', '/') else ''}"
+    )
+    return HassSource(ws_url, token, name=(query.get("name") or [name])[-1])

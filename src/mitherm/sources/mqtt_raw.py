@@ -69,7 +69,9 @@ def receiver_from_topic(topic: str) -> str:
     return "/".join(parts[:-1]) or topic
 
 
-def advertisement_from_json(payload: Mapping[str, Any], receiver: str, now: float | None = None) -> Advertisement | None:
+def advertisement_from_json(
+    payload: Mapping[str, Any], receiver: str, now: float | None = None
+) -> Advertisement | None:
     """One OMG / Theengs advert JSON object -> Advertisement; None when it is not an advert."""
     mac = _mac(payload.get("id"))
     if mac is None:
@@ -146,6 +148,7 @@ class MqttRawSource:
 
     async def _connect_once(self, emit: Emit) -> None:
         import aiomqtt
+        from aiomqtt.exceptions import MqttCodeError, MqttConnectError
 
         tls_params = aiomqtt.TLSParameters() if self.tls else None
         client = aiomqtt.Client(
@@ -171,9 +174,9 @@ class MqttRawSource:
                 connected()
                 async for message in client.messages:
                     self._handle(str(message.topic), message.payload, emit)
-        except aiomqtt.MqttCodeError as e:
+        except MqttCodeError as e:
             rc = getattr(e.rc, "value", e.rc)
-            if isinstance(e, aiomqtt.MqttConnectError) and rc in _AUTH_CODES:
+            if isinstance(e, MqttConnectError) and rc in _AUTH_CODES:
                 raise SourceError(
                     f"the MQTT broker {self.host}:{self.port} refused the login ({e}): check the user name and "
                     "password in the mqtt-raw:// URL"
@@ -191,3 +194,31 @@ class MqttRawSource:
             return
         if isinstance(data, dict) and (adv := advertisement_from_json(data, receiver_from_topic(topic))):
             emit(adv)
+
+
+def mqtt_raw_from_url(url: str, name: str | None = None) -> MqttRawSource:
+    """``mqtt-raw://[USER:PASS@]HOST[:PORT]/TOPIC`` / ``mqtts-raw://…`` (TLS); the topic URL-decoded."""
+    from urllib.parse import unquote, urlsplit
+
+    example = "mqtt-raw://user:pass@broker.local:1883/home/+/BTtoMQTT/# (mqtts-raw:// for TLS)"
+    try:
+        parts = urlsplit(url)
+        scheme = parts.scheme.lower()
+        port = parts.port or (8883 if scheme == "mqtts-raw" else 1883)
+    except ValueError as e:
+        raise SourceError(f"bad MQTT source ({e}); use {example}") from None
+    if scheme not in ("mqtt-raw", "mqtts-raw") or not parts.hostname or parts.query:
+        raise SourceError(f"bad MQTT source; use {example}")
+    topic = parts.path[1:] if parts.path.startswith("/") else parts.path
+    if "#" in url.split("://", 1)[-1]:  # an unencoded '#' is the URL fragment: it belongs to the topic
+        topic += "#" + parts.fragment
+    topic = unquote(topic) or DEFAULT_TOPIC
+    return MqttRawSource(
+        parts.hostname,
+        port,
+        topic,
+        username=unquote(parts.username) if parts.username else None,
+        password=unquote(parts.password) if parts.password else None,
+        tls=scheme == "mqtts-raw",
+        name=name,
+    )

@@ -39,15 +39,15 @@ def connected() -> None:
 
 
 def is_transient(exc: BaseException) -> bool:
-    """True for network trouble worth retrying: OSError / TimeoutError / ConnectionError anywhere in the
-    cause chain of a SourceError."""
+    """True for network trouble worth retrying: an OSError / TimeoutError / ConnectionError anywhere in the
+    explicit cause chain (``raise ... from ...``) of a SourceError."""
     seen: set[int] = set()
     e: BaseException | None = exc
     while e is not None and id(e) not in seen:
         seen.add(id(e))
         if isinstance(e, OSError | TimeoutError | asyncio.TimeoutError | ConnectionError):
             return True
-        e = e.__cause__ or e.__context__
+        e = e.__cause__  # explicit causes only: an error merely raised *during* network handling is not one
     return False
 
 
@@ -118,9 +118,7 @@ async def run_with_reconnect(
                 return
             state["up"] = time.monotonic()
             if outage_since is not None:
-                logger.info(
-                    "%s: connected again after %s", label(), _fmt_seconds(time.monotonic() - outage_since)
-                )
+                logger.info("%s: connected again after %s", label(), _fmt_seconds(time.monotonic() - outage_since))
                 outage_since = None
             elif not ever_connected:
                 logger.info("%s: connected", label())
