@@ -503,3 +503,15 @@ async def test_tls(tmp_path, caplog):
 
 def vars_of(s: MqttSettings) -> dict:
     return {f: getattr(s, f) for f in s.__dataclass_fields__}
+
+
+async def test_forget_device_clears_retained_topics(broker, tmp_path):
+    s = make_settings(broker, tmp_path)
+    async with running(s) as pub:
+        pub.publish_state(make_state())
+        await pub.wait_idle(5)
+        pub.forget_device("a4c138123456")
+        await pub.wait_idle(5)
+        async with Collector(broker, f"{s.base_topic}/#", f"{s.discovery_prefix}/#") as c:
+            await asyncio.sleep(0.2)
+            assert {t for t, _, _ in c.messages} == {f"{s.base_topic}/testgw/status"}

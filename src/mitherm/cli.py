@@ -22,10 +22,22 @@ class LazyGroup(click.Group):
     lazy: ClassVar[dict[str, tuple[str, str]]] = {
         "keys": ("mitherm.commands.keys", "keys"),
         "history": ("mitherm.commands.history", "history"),
+        "cloud": ("mitherm.commands.cloud", "cloud"),
+        "info": ("mitherm.commands.device", "info"),
+        "activate": ("mitherm.commands.device", "activate"),
+        "login": ("mitherm.commands.device", "login"),
+        "set": ("mitherm.commands.settings", "set_"),
+        "read": ("mitherm.commands.settings", "read"),
+        "pvvx": ("mitherm.commands.settings", "pvvx"),
+        "flash": ("mitherm.commands.flash", "flash"),
+        "firmware": ("mitherm.commands.flash", "firmware"),
     }
 
     def list_commands(self, ctx: click.Context) -> list[str]:
-        return sorted([*super().list_commands(ctx), *self.lazy])
+        import importlib.util
+
+        present = [n for n, (m, _) in self.lazy.items() if importlib.util.find_spec(m) is not None]
+        return sorted([*super().list_commands(ctx), *present])
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
         if name in self.lazy:

@@ -433,6 +433,7 @@ class MqttPublisher:
         self._stopping = asyncio.Event()
         self._finished = asyncio.Event()
         self._running = False
+        self._closed = False
         self.published = 0  # messages acknowledged by the broker (for tests and health)
         if self._due:
             log.info("mqtt: %d messages waiting in %s from a previous run", len(self._due), self._outbox.path)
@@ -707,7 +708,9 @@ class MqttPublisher:
 
     async def stop(self, timeout: float = 10.0) -> None:
         """Publish held-back states and ``offline``, disconnect cleanly and close the outbox. When the
-        broker is unreachable, waiting messages stay on disk for the next run."""
+        broker is unreachable, waiting messages stay on disk for the next run. Idempotent."""
+        if self._closed:
+            return
         self._stopping.set()
         self._wake.set()
         try:
@@ -719,3 +722,4 @@ class MqttPublisher:
         finally:  # even when cancelled: what was not sent waits on disk for the next run
             self._persist()
             self._outbox.close()
+            self._closed = True

@@ -166,6 +166,7 @@ class Service:
             self.publisher = MqttPublisher(settings)
             gw.sinks.append(MqttSink(self.publisher))
             background.append(asyncio.create_task(self.publisher.run(), name="mqtt"))
+            background.append(asyncio.create_task(self._availability(), name="availability"))
 
         writer = None
         if self.capture_path:
@@ -222,6 +223,25 @@ class Service:
         if self.gateway is not None and self.history is not None:
             self.history.set_state("counters", json.dumps(self.gateway.counters))
 
+    async def _availability(self) -> None:
+        """Mark devices unavailable once they have been silent longer than their expire_after (judged by the
+        advertisements' clock, so replays behave as they happened); publish_state marks them online again."""
+        from .mqtt import expire_after_for
+
+        offline: set[str] = set()
+        while True:
+            await asyncio.sleep(5.0)
+            gw = self.gateway
+            if gw is None or self.publisher is None:
+                continue
+            for mac, st in gw.devices.items():
+                silent = gw.clock - st.last_seen > expire_after_for(st.data_interval)
+                if silent and mac not in offline and st.values:
+                    offline.add(mac)
+                    self.publisher.set_available(mac, False)
+                elif not silent:
+                    offline.discard(mac)
+
     async def _watch_keystore(self) -> None:
         while True:
             await asyncio.sleep(2.0)
@@ -233,7 +253,7 @@ class Service:
     async def _shutdown(self, background: list[asyncio.Task[Any]]) -> None:
         if self.publisher is not None:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.publisher.stop(), 5)
+                await asyncio.wait_for(self.publisher.stop(timeout=4), 5)
         for t in background:
             t.cancel()
         await asyncio.gather(*background, return_exceptions=True)
