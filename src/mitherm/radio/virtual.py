@@ -15,6 +15,12 @@ interval unit. The controllers used here replace that part so that the link beha
 * the advertising interval is honoured (HCI units of 0.625 ms);
 * the scanner's ``filter_duplicates`` flag is honoured (off: every advertising event is reported);
 * the RSSI seen by scanners is configurable per advertiser.
+
+Connections (for GATT) also needed two fixes of the stock local link: ACL data is sent from the
+connection's own address (the stock link uses the controller's random address, so a peripheral
+advertising with its public address never got its replies to the central), and LE Create Connection
+Cancel completes the pending connection attempt (the stock controller left it pending forever, so a
+timed-out ``Device.connect`` hung).
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from typing import Literal, Self
 
 from bumble import hci, ll
 from bumble.controller import Controller, LegacyAdvertiser
+from bumble.core import PhysicalTransport
 from bumble.device import AdvertisingType, Device
 from bumble.host import Host
 from bumble.link import LocalLink
@@ -124,6 +131,20 @@ class _LinkLegacyAdvertiser(LegacyAdvertiser):
         )
 
 
+class _Link(LocalLink):
+    """``LocalLink`` whose LE ACL data carries the address the sender uses on that connection."""
+
+    def send_acl_data(self, sender_controller, destination_address, transport, data) -> None:
+        if transport == PhysicalTransport.LE:
+            connection = sender_controller.le_connections.get(destination_address)
+            destination = self.find_le_controller(destination_address)
+            if connection is not None and destination is not None:
+                source = connection.self_address
+                asyncio.get_running_loop().call_soon(destination.on_link_acl_data, source, transport, data)
+                return
+        super().send_acl_data(sender_controller, destination_address, transport, data)
+
+
 class _LinkController(Controller):
     """Bumble controller with air-like legacy advertising and scanning on a ``LocalLink``."""
 
@@ -172,6 +193,28 @@ class _LinkController(Controller):
         pending = self.pending_le_connection
         if pending is not None and pending.peer_address == pdu.advertiser_address and pdu.adv_type == _AdvType.ADV_IND:
             self.create_le_connection(pdu.advertiser_address)
+
+    def on_hci_le_create_connection_cancel_command(self, command):
+        # Core spec Vol 4 Part E 7.8.13: cancelling a pending connection attempt ends it with an LE
+        # Connection Complete event (status Unknown Connection Identifier), after the command complete.
+        pending = self.pending_le_connection
+        result = super().on_hci_le_create_connection_cancel_command(command)
+        if pending is None:
+            return hci.HCI_StatusReturnParameters(hci.HCI_ErrorCode.COMMAND_DISALLOWED_ERROR)
+        self.pending_le_connection = None
+        event = hci.HCI_LE_Connection_Complete_Event(
+            status=hci.HCI_ErrorCode.UNKNOWN_CONNECTION_IDENTIFIER_ERROR,
+            connection_handle=0,
+            role=hci.Role.CENTRAL,
+            peer_address_type=pending.peer_address.address_type,
+            peer_address=pending.peer_address,
+            connection_interval=0,
+            peripheral_latency=0,
+            supervision_timeout=0,
+            central_clock_accuracy=0,
+        )
+        asyncio.get_running_loop().call_soon(self.send_hci_packet, event)
+        return result
 
     def _report(self, pdu: _LegacyAdvPdu) -> None:
         active = self.le_scan_type == hci.HCI_LE_Set_Scan_Parameters_Command.ACTIVE_SCANNING
@@ -450,7 +493,7 @@ class VirtualRadio:
 
     async def start(self) -> None:
         if self.link is None:
-            self.link = LocalLink()
+            self.link = _Link()
 
     async def stop(self) -> None:
         """Close TCP servers, scanners' controllers and all advertisers."""
