@@ -191,7 +191,10 @@ def doctor(
     timeout: float,
     as_json: bool,
 ) -> None:
-    """Say whether KEY decrypts the sensor's frames and, if not, exactly why."""
+    """Say whether KEY decrypts the sensor's frames and, if not, exactly why.
+
+    Without --capture or --live it checks the recent frames of a running `mitherm run` (written to the user
+    data dir every 10 seconds)."""
     from .doctor import diagnose
     from .framecache import FrameCache
     from .mac import InvalidMac, normalize_mac
@@ -208,7 +211,15 @@ def doctor(
                 f"pass --key or add one with `mitherm keys add {mac} KEY`"
             )
     if not capture_file and not live:
-        raise click.ClickException("give --capture FILE or --live")
+        from .paths import default_frames_snapshot
+
+        snapshot = default_frames_snapshot()
+        if not snapshot.exists():
+            raise click.ClickException(
+                "give --capture FILE or --live (no running gateway has left recent frames in "
+                f"{snapshot} to check the key against)"
+            )
+        capture_file = str(snapshot)
     cache = FrameCache()
     if capture_file:
         from .captures import CaptureError, read_capture
@@ -439,9 +450,16 @@ def _scan_table(rows: list[dict[str, Any]]) -> Any:
     status_style = {"verified": "green", "not_needed": "green", "key_failed": "red", "missing": "yellow"}
     for r in rows:
         key = r["key_status"] if r["key_status"] != "key_failed" else f"{r['key_verdict']}"
-        t.add_row(r["mac"], r["name"] or "", r["model"] or "", r["format"] or "",
-                  f"[{status_style.get(r['key_status'], 'white')}]{key}[/]", str(r["rssi"] or ""),
-                  r["receiver"] or "", _short_values(r["values"]))
+        t.add_row(
+            r["mac"],
+            r["name"] or "",
+            r["model"] or "",
+            r["format"] or "",
+            f"[{status_style.get(r['key_status'], 'white')}]{key}[/]",
+            str(r["rssi"] or ""),
+            r["receiver"] or "",
+            _short_values(r["values"]),
+        )
     return t
 
 

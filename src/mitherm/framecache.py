@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from .decoder import SUPPORTED_UUIDS
 from .model import Advertisement
+from .uuids import MIBEACON
 
 
 @dataclass(slots=True, frozen=True)
@@ -20,14 +21,26 @@ class Frame:
     name: str | None = None
 
 
-class FrameCache:
-    """Recent frames per device (``per_device`` each, ``max_devices`` devices, least recently heard
-    device evicted first). Only service data of supported UUIDs is kept."""
+def carries_data(frame: Frame) -> bool:
+    """Whether a frame may carry measurements. Stock MiBeacon sensors send mostly idle frames (frame control
+    bit 6 clear) and one data frame about every 10 minutes; every other format carries data in each frame."""
+    if frame.service_uuid == MIBEACON:
+        p = frame.payload
+        return len(p) >= 2 and bool(p[0] & 0x40)
+    return True
 
-    def __init__(self, per_device: int = 64, max_devices: int = 2048) -> None:
+
+class FrameCache:
+    """Recent frames per device (``per_device`` of any kind plus the last ``data_per_device`` frames that
+    carry data, so that the idle frames of a stock sensor do not push its few data frames out); at most
+    ``max_devices`` devices, the least recently heard evicted first. Only supported service data is kept."""
+
+    def __init__(self, per_device: int = 64, max_devices: int = 2048, data_per_device: int = 32) -> None:
         self.per_device = per_device
+        self.data_per_device = data_per_device
         self.max_devices = max_devices
         self._frames: OrderedDict[str, deque[Frame]] = OrderedDict()
+        self._data: dict[str, deque[Frame]] = {}
         self._names: dict[str, str] = {}
 
     def add_advertisement(self, adv: Advertisement) -> None:
@@ -43,10 +56,14 @@ class FrameCache:
             if len(self._frames) >= self.max_devices:
                 old, _ = self._frames.popitem(last=False)
                 self._names.pop(old, None)
+                self._data.pop(old, None)
             ring = self._frames[frame.mac] = deque(maxlen=self.per_device)
+            self._data[frame.mac] = deque(maxlen=self.data_per_device)
         else:
             self._frames.move_to_end(frame.mac)
         ring.append(frame)
+        if carries_data(frame):
+            self._data[frame.mac].append(frame)
         if frame.name:
             self._names[frame.mac] = frame.name
 
@@ -57,7 +74,25 @@ class FrameCache:
 
     def frames(self, mac: str) -> list[Frame]:
         ring = self._frames.get(mac)
-        return sorted(ring, key=lambda f: f.time) if ring else []
+        if not ring:
+            return []
+        merged = {id(f): f for f in self._data[mac]}
+        merged.update((id(f), f) for f in ring)
+        return sorted(merged.values(), key=lambda f: f.time)
+
+    def advertisements(self) -> Iterator[Advertisement]:
+        """Every cached frame as an Advertisement (for a snapshot file the doctor can read)."""
+        for mac in list(self._frames):
+            name = self._names.get(mac)
+            for f in self.frames(mac):
+                yield Advertisement(
+                    mac=f.mac,
+                    time=f.time,
+                    service_data={f.service_uuid: f.payload},
+                    rssi=f.rssi,
+                    name=f.name or name,
+                    source="cache",
+                )
 
     def macs(self) -> Iterator[str]:
         return iter(list(self._frames))

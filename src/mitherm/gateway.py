@@ -74,6 +74,7 @@ class Gateway:
         self.counters: dict[str, int] = dict(counters or {})
         self._recent: OrderedDict[tuple[str, bytes], _Seen] = OrderedDict()
         self._diagnosed: dict[str, tuple[str, int]] = {}  # mac -> (key, failures when last diagnosed)
+        self._failures: dict[str, int] = {}  # mac -> key failures seen (monotonic; the frame ring is bounded)
         self._last_data: dict[str, float] = {}
         self.clock = 0.0  # the newest advertisement time seen
 
@@ -231,12 +232,14 @@ class Gateway:
         if key is None:
             st.key_status = KeyStatus.MISSING
             return
-        frames = self.cache.frames(st.mac)
+        failures = self._failures.get(st.mac, 0) + (0 if force else 1)
+        self._failures[st.mac] = failures
         prev = self._diagnosed.get(st.mac)
-        if not force and prev is not None and prev[0] == key and len(frames) - prev[1] < 8:
+        # re-diagnose on the first failures (a re-keyed device needs 3 before it is "outdated"), then every 8
+        if not force and prev is not None and prev[0] == key and failures - prev[1] < (1 if failures <= 4 else 8):
             return
         dx = diagnose(self.cache, st.mac, key, now=self.clock or None)
-        self._diagnosed[st.mac] = (key, len(frames))
+        self._diagnosed[st.mac] = (key, failures)
         if dx.ok:
             st.key_status = KeyStatus.VERIFIED
             st.key_verdict = None

@@ -47,3 +47,8 @@ def write_private(path: Path, data: bytes) -> None:
         os.close(fd)
     os.chmod(tmp, 0o600)
     os.replace(tmp, path)
+
+
+def default_frames_snapshot() -> Path:
+    """The gateway's recent frames, written every few seconds: `mitherm doctor` reads them at once."""
+    return data_dir() / "recent-frames.jsonl"

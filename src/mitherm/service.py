@@ -15,7 +15,7 @@ from typing import Any
 
 from .gateway import Gateway, GatewayOptions, PrintSink
 from .model import Reading
-from .paths import default_db, default_keystore
+from .paths import default_db, default_frames_snapshot, default_keystore
 from .sources import Source, SourceError, open_source
 from .state import DeviceState
 
@@ -44,6 +44,7 @@ class RunConfig:
     min_interval: float = 30.0
     raw_days: float = 30.0
     names: dict[str, str] = field(default_factory=dict)
+    frames: str | None = None  # recent-frame snapshot for `mitherm doctor` (default: the user data dir)
 
     @classmethod
     def from_toml(cls, path: str) -> RunConfig:
@@ -107,6 +108,7 @@ class Service:
         self.cfg = cfg
         self.sim_source = sim_source  # a prepared SimSource (the demo keeps its house to know the keys)
         self.capture_path = capture_path  # also write every received advert here (mitherm JSON Lines)
+        self.frames_snapshot: str | None = cfg.frames or str(default_frames_snapshot())
         self.out = out or sys.stdout
         self.keystore: Any = None
         self.history: Any = None
@@ -216,8 +218,26 @@ class Service:
             n += 1
             if n % 10 == 0:
                 self._save_counters()
+                await asyncio.to_thread(self._save_frames)
             if n % 3600 == 0:
                 await asyncio.to_thread(self.history.prune, self.cfg.raw_days)
+
+    def _save_frames(self) -> None:
+        """Snapshot the recent-frame cache so that `mitherm doctor --mac … --key …` answers at once."""
+        if self.gateway is None or not self.frames_snapshot:
+            return
+        from .captures import write_jsonl_line
+
+        path = Path(self.frames_snapshot)
+        tmp = path.with_name(f".{path.name}.tmp")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(tmp, "w", encoding="utf-8") as f:
+                for adv in list(self.gateway.cache.advertisements()):
+                    f.write(write_jsonl_line(adv) + "\n")
+            tmp.replace(path)
+        except OSError as e:
+            log.warning("cannot write the recent-frame snapshot %s: %s", path, e)
 
     def _save_counters(self) -> None:
         if self.gateway is not None and self.history is not None:
@@ -257,6 +277,7 @@ class Service:
         for t in background:
             t.cancel()
         await asyncio.gather(*background, return_exceptions=True)
+        self._save_frames()
         if self.history is not None:
             self._save_counters()
             self.history.flush()
