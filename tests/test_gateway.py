@@ -73,11 +73,16 @@ def advs(dev: Device, until: float, **kw) -> Iterator[tuple[Advertisement, Frame
 
 
 def data_frames(dev: Device, n: int) -> list[Frame]:
+    """The first ``n`` data frames with distinct payloads (pvvx repeats a measurement in several adverts)."""
     out: list[Frame] = []
-    t = 0.0
+    seen: set[bytes] = set()
+    t = dev.now
     while len(out) < n:
         t += 600.0
-        out.extend(f for f in dev.frames(t) if f.has_data)
+        for f in dev.frames(t):
+            if f.has_data and f.payload not in seen:
+                seen.add(f.payload)
+                out.append(f)
     return out[:n]
 
 
@@ -121,7 +126,7 @@ def test_same_frame_outside_the_window_is_not_a_duplicate() -> None:
 def test_dedupe_is_per_address() -> None:
     a, b = PvvxDevice("pvvx", seed="a1"), PvvxDevice("pvvx", seed="a1", address="A4:C1:38:00:00:02")
     f = next(iter(data_frames(a, 1)))
-    gw, rec = gateway()
+    gw, _rec = gateway()
     gw.handle(adv_of(a, f))
     gw.handle(Advertisement(b.address, T0 + f.t, {f.service_uuid: f.payload}, rssi=-60, source="r1"))
     assert gw.stats.duplicates == 0
@@ -228,7 +233,7 @@ def _bthome_enc(mac: str, key: str, counter: int, temperature: float) -> bytes:
 
 def test_rebooted_device_counter_back_near_zero_is_accepted() -> None:
     mac = "C8:11:22:33:44:55"
-    gw, rec = gateway({mac: OTHER_KEY}, counters={mac: 100_000})
+    gw, _rec = gateway({mac: OTHER_KEY}, counters={mac: 100_000})
     for i, c in enumerate((3, 4, 5)):
         payload = _bthome_enc(mac, OTHER_KEY, c, 20.0 + i)
         assert gw.handle(Advertisement(mac, T0 + i, {BTHOME_V2: payload}, rssi=-60)) != []
@@ -263,7 +268,7 @@ def test_set_keys_reverifies_at_once_against_cached_frames() -> None:
 
 def test_set_keys_adds_a_missing_key_and_names() -> None:
     dev = BTHomeDevice(2, encrypted=True, seed="missing")
-    gw, rec = gateway()
+    gw, _rec = gateway()
     feed(gw, dev, 60.0)
     st = gw.devices[dev.address]
     assert st.key_status == KeyStatus.MISSING
@@ -294,7 +299,7 @@ def test_wrong_key_one_log_line_and_key_failed_verdict(caplog: pytest.LogCapture
 def test_rekeyed_device_is_reported_key_outdated() -> None:
     """A young device (frame cache not full yet): re-paired, its frames fail with the old key."""
     dev = BTHomeDevice(2, encrypted=True, seed="rekey-young")
-    gw, rec = gateway({dev.address: dev.bindkey})
+    gw, _rec = gateway({dev.address: dev.bindkey})
     feed(gw, dev, 100.0)  # 20 frames
     old = dev.bindkey
     dev.rekey()
@@ -315,12 +320,10 @@ def test_rekeyed_device_is_reported_key_outdated() -> None:
     ids=["bthome_v2_enc", "pvvx_enc", "stock"],
 )
 def test_rekey_of_a_long_running_device_turns_key_failed(make) -> None:
-    """BUG: once the device's frame cache is full (64 frames), Gateway._check_key re-runs the doctor only
-    when ``len(cache.frames(mac))`` grew by 8 since the last diagnosis -- which never happens again. The
-    first failing frame is diagnosed "ok" (most recent frames still decrypt), and the state stays
-    ``verified`` forever while every frame fails."""
+    """Regression: once the device's frame cache was full, the doctor was re-run only when the cached frame
+    count grew by 8 -- never again -- so the state stayed ``verified`` while every frame failed."""
     dev = make()
-    gw, rec = gateway({dev.address: dev.bindkey})
+    gw, _rec = gateway({dev.address: dev.bindkey})
     feed(gw, dev, 2000.0)
     st = gw.devices[dev.address]
     assert st.key_status == KeyStatus.VERIFIED
@@ -332,12 +335,11 @@ def test_rekey_of_a_long_running_device_turns_key_failed(make) -> None:
 
 
 def test_stock_rekey_with_default_intervals_is_key_outdated() -> None:
-    """BUG (design): a stock sensor sends an idle frame every 2 s and one data frame every 10 min; the frame
-    cache keeps the last 64 frames of any kind (about two minutes), so it holds at most one data frame and
-    the doctor can never see old-key successes followed by new-key failures: a re-paired stock sensor is
-    reported ``wrong_key``, never ``key_outdated`` (issue #4.5)."""
+    """A stock sensor sends an idle frame every 2 s and one data frame every 10 min: the frame cache must keep
+    enough data frames (not just the last 64 frames of any kind) for the doctor to see old-key successes
+    followed by new-key failures, or a re-paired stock sensor is called ``wrong_key`` (issue #4.5)."""
     dev = StockDevice("LYWSD03MMC", seed="rekey-stock")
-    gw, rec = gateway({dev.address: dev.bindkey})
+    gw, _rec = gateway({dev.address: dev.bindkey})
     feed(gw, dev, 3 * 3600.0)
     old = dev.bindkey
     dev.rekey()
@@ -371,10 +373,10 @@ ALL_KINDS = [
 @pytest.mark.parametrize("make", [m for _, m in ALL_KINDS], ids=[k for k, _ in ALL_KINDS])
 def test_every_kind_decodes_to_the_truth(make) -> None:
     dev = make("truth")
-    gw, rec = gateway({dev.address: dev.bindkey} if dev.bindkey else {})
+    gw, _rec = gateway({dev.address: dev.bindkey} if dev.bindkey else {})
     n = 0
     for a, f in advs(dev, 600.0):
-        for st, reading in gw.handle(a):
+        for _st, reading in gw.handle(a):
             assert reading.error is None
             assert_matches_truth(reading.values, dev.truth_at(f.t).as_dict(), reading.format or "")
             n += 1

@@ -31,8 +31,7 @@ def _parse_str(text: str) -> int:
         value = -1
     if not 0 <= value <= 0xFFFF or not s:
         raise InvalidUuid(
-            f"{text!r} is not a 16-bit service UUID: expected 0xFE95, fe95, 65173 or "
-            f"0000fe95{BASE_SUFFIX}"
+            f"{text!r} is not a 16-bit service UUID: expected 0xFE95, fe95, 65173 or 0000fe95{BASE_SUFFIX}"
         )
     return value
 

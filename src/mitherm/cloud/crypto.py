@@ -33,9 +33,9 @@ __all__ = [
     "CloudProtocolError",
     "api_path",
     "decrypt_response",
+    "enc_signature",
     "encrypt_params",
     "encrypt_response",
-    "enc_signature",
     "make_nonce",
     "parse_account_json",
     "password_hash",
@@ -168,9 +168,7 @@ def parse_account_json(text: str) -> dict[str, Any]:
     try:
         doc = json.loads(body)
     except json.JSONDecodeError as e:
-        raise CloudProtocolError(
-            f"the account server answered with something that is not JSON: {text[:60]!r}"
-        ) from e
+        raise CloudProtocolError(f"the account server answered with something that is not JSON: {text[:60]!r}") from e
     if not isinstance(doc, dict):
         raise CloudProtocolError("the account server's answer is not a JSON object")
     return doc

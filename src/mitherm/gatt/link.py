@@ -97,6 +97,7 @@ class GattLink:
         self._subscriptions: dict[str, BleakGATTCharacteristic] = {}
         self._chars: dict[str, BleakGATTCharacteristic] = {}
         self._service_uuids: list[str] = []
+        self._tasks: set[asyncio.Future[Any]] = set()
         try:
             services = client.services
         except BleakError:
@@ -187,7 +188,7 @@ class GattLink:
                 return op.result()
             except GattError:
                 raise
-            except (BleakError, EOFError, OSError, AttributeError, ValueError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, BleakError, EOFError, OSError, AttributeError, ValueError) as exc:
                 if not self.is_connected:
                     raise GattError(f"{what}: {self.address} disconnected") from exc
                 raise GattError(f"{what} on {self.address} failed: {exc or type(exc).__name__}") from exc
@@ -196,6 +197,27 @@ class GattLink:
             raise GattError(f"{what}: {self.address} disconnected during the operation")
         raise GattError(f"{what} on {self.address} timed out after {self.op_timeout:g} s")
 
+    async def _run_inline(self, what: str, coro: Awaitable[_T]) -> _T:
+        """Like :meth:`_run` without a separate task, for quick operations that do not wait for the
+        peer (writes without response): much cheaper when thousands are sent (OTA)."""
+        if not self.is_connected:
+            if inspect.iscoroutine(coro):
+                coro.close()
+            raise GattError(f"{what}: {self.address} is not connected")
+        try:
+            async with asyncio.timeout(self.op_timeout):
+                return await coro
+        except GattError:
+            raise
+        except TimeoutError as exc:
+            if not self.is_connected:
+                raise GattError(f"{what}: {self.address} disconnected during the operation") from exc
+            raise GattError(f"{what} on {self.address} timed out after {self.op_timeout:g} s") from exc
+        except (BleakError, EOFError, OSError, AttributeError, ValueError) as exc:
+            if not self.is_connected:
+                raise GattError(f"{what}: {self.address} disconnected") from exc
+            raise GattError(f"{what} on {self.address} failed: {exc or type(exc).__name__}") from exc
+
     async def read(self, uuid: str | int) -> bytes:
         char = self._char(uuid)
         data = await self._run(f"read {char.uuid}", self.client.read_gatt_char(char))
@@ -203,7 +225,8 @@ class GattLink:
 
     async def write(self, uuid: str | int, data: bytes, response: bool = True) -> None:
         char = self._char(uuid)
-        await self._run(f"write {char.uuid}", self.client.write_gatt_char(char, bytes(data), response=response))
+        run = self._run if response else self._run_inline
+        await run(f"write {char.uuid}", self.client.write_gatt_char(char, bytes(data), response=response))
 
     async def subscribe(self, uuid: str | int, callback: Callable[[bytes], Any]) -> None:
         """Enable notifications (or indications) and call ``callback(data)`` for each one, in order.
@@ -213,7 +236,9 @@ class GattLink:
         def on_notify(_sender: BleakGATTCharacteristic, data: bytearray) -> None:
             result = callback(bytes(data))
             if inspect.isawaitable(result):
-                asyncio.ensure_future(result)
+                task = asyncio.ensure_future(result)
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
 
         await self._run(f"subscribe {char.uuid}", self.client.start_notify(char, on_notify))
         self._subscriptions[char.uuid] = char
@@ -232,7 +257,7 @@ class GattLink:
         try:
             if not self._closed.is_set():
                 await asyncio.wait_for(self.client.disconnect(), self.op_timeout)
-        except (BleakError, EOFError, OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, BleakError, EOFError, OSError) as exc:
             logger.debug("gatt: error disconnecting %s: %s", self.address, exc)
         finally:
             self._handle_disconnected()
@@ -313,7 +338,7 @@ async def _connect_platform(
             max_attempts=attempts,
             timeout=timeout,
         )
-    except (BleakError, EOFError, OSError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, BleakError, EOFError, OSError) as exc:
         raise GattError(f"cannot connect to {address}: {exc or type(exc).__name__}") from exc
 
 
@@ -336,7 +361,7 @@ async def _connect_bumble(
         try:
             await client.connect()
             return client
-        except (BleakError, EOFError, OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, BleakError, EOFError, OSError) as exc:
             last = exc
             logger.debug("gatt: connection attempt %d/%d to %s failed: %s", attempt, attempts, address, exc)
             try:

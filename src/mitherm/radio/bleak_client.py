@@ -194,7 +194,9 @@ class BumbleClient(BaseBleakClient):
                     device.connect(peer_address, transport=PhysicalTransport.LE, timeout=remaining),
                     remaining + 2.0,
                 )
-            except core.ConnectionError as exc:
+            except core.TimeoutError as exc:
+                raise TimeoutError from exc
+            except core.BaseBumbleError as exc:
                 raise BleakError(f"connection to {self.address} failed: {exc}") from exc
             self._connection = connection
             connection.on(connection.EVENT_DISCONNECTION, self._on_disconnection)
@@ -261,12 +263,10 @@ class BumbleClient(BaseBleakClient):
                     lambda: self.mtu_size - 3,
                     service,
                 )
-                service.add_characteristic(char)
-                collection.add_characteristic(char)
+                collection.add_characteristic(char)  # also adds it to the service
                 for desc_proxy in char_proxy.descriptors:
                     descriptor = BleakGATTDescriptor(desc_proxy, desc_proxy.handle, _uuid_str(desc_proxy.type), char)
-                    char.add_descriptor(descriptor)
-                    collection.add_descriptor(descriptor)
+                    collection.add_descriptor(descriptor)  # also adds it to the characteristic
         with contextlib.suppress(Exception):
             for proxy in peer.get_characteristics_by_uuid(core.UUID.from_16_bits(0x2A00)):
                 self._name = bytes(await proxy.read_value()).decode("utf-8", errors="replace") or None
@@ -373,7 +373,9 @@ class BumbleClient(BaseBleakClient):
         peer = self._require_peer()
         await self._guard(peer.gatt_client.write_value(descriptor.handle, bytes(data), with_response=True))
 
-    async def start_notify(self, characteristic: BleakGATTCharacteristic, callback: NotifyCallback, **kwargs: Any) -> None:
+    async def start_notify(
+        self, characteristic: BleakGATTCharacteristic, callback: NotifyCallback, **kwargs: Any
+    ) -> None:
         peer = self._require_peer()
         proxy: CharacteristicProxy = characteristic.obj
         old = self._subscribers.pop(proxy.handle, None)

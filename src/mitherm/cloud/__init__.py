@@ -1,0 +1,58 @@
+"""Xiaomi cloud access: log in once, list BLE devices with their bindkeys (issue #8).
+
+:mod:`mitherm.cloud.crypto` holds the sans-I/O parts (RC4, nonces, signatures); :mod:`mitherm.cloud.client`
+the async HTTP client. The command line is :mod:`mitherm.commands.cloud`."""
+
+from .client import (
+    DEFAULT_ACCOUNT_URL,
+    DEFAULT_API_URL,
+    SERVERS,
+    AccountLocked,
+    ApiError,
+    Captcha,
+    CaptchaRequired,
+    CloudDevice,
+    CloudError,
+    CloudReport,
+    CloudSession,
+    Home,
+    LoginError,
+    NetworkError,
+    NotLoggedIn,
+    SessionExpired,
+    TwoFactorRequired,
+    Verification,
+    WrongCaptcha,
+    WrongCredentials,
+    WrongVerificationCode,
+    XiaomiCloud,
+    api_base,
+    default_session_path,
+)
+
+__all__ = [
+    "DEFAULT_ACCOUNT_URL",
+    "DEFAULT_API_URL",
+    "SERVERS",
+    "AccountLocked",
+    "ApiError",
+    "Captcha",
+    "CaptchaRequired",
+    "CloudDevice",
+    "CloudError",
+    "CloudReport",
+    "CloudSession",
+    "Home",
+    "LoginError",
+    "NetworkError",
+    "NotLoggedIn",
+    "SessionExpired",
+    "TwoFactorRequired",
+    "Verification",
+    "WrongCaptcha",
+    "WrongCredentials",
+    "WrongVerificationCode",
+    "XiaomiCloud",
+    "api_base",
+    "default_session_path",
+]
