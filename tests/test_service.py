@@ -22,6 +22,7 @@ from mitherm.sim.devices import BTHomeDevice, Device, PvvxDevice, StockDevice
 from mitherm.sim.house import House
 from mitherm.state import KeyStatus
 
+
 @pytest.fixture(autouse=True)
 def _private_dirs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Nothing of a test run lands in the user's directories (the recent-frame snapshot, default paths)."""

@@ -548,7 +548,11 @@ def _house_table(house: Any, keys: dict[str, str], title: str) -> Any:
 @click.option("--tcp", "tcp_port", type=int, help="Also serve the virtual radio as a Bumble HCI TCP server on PORT.")
 @click.option("--seconds", type=float, help="Stop after N seconds.")
 @click.option("--json", "as_json", is_flag=True, help="Print the devices and their keys as JSON, then run.")
-def sim(house_spec: str, time_factor: float | None, tcp_port: int | None, seconds: float | None, as_json: bool) -> None:
+@click.option("--gatt/--no-gatt", default=True, show_default=True,
+              help="Serve each device's GATT services (Mi auth, settings, pvvx commands, OTA) for connections.")
+def sim(
+    house_spec: str, time_factor: float | None, tcp_port: int | None, seconds: float | None, as_json: bool, gatt: bool
+) -> None:
     """Run virtual devices on a virtual radio (for other tools to scan, e.g. over --tcp)."""
     from rich.console import Console
 
@@ -556,7 +560,7 @@ def sim(house_spec: str, time_factor: float | None, tcp_port: int | None, second
     from .sources.sim_source import SimSource
 
     try:
-        src = SimSource(house_spec, time_factor=time_factor)
+        src = SimSource(house_spec, time_factor=time_factor, gatt=gatt)
     except SourceError as e:
         raise click.ClickException(str(e)) from e
     house = src.house

@@ -7,6 +7,7 @@ import contextlib
 import inspect
 import json
 import logging
+import sqlite3
 import sys
 import tomllib
 from dataclasses import dataclass, field
@@ -64,8 +65,42 @@ class RunConfig:
                 raise ConfigError(f"{path}: unknown option {k!r} (known: {', '.join(sorted(known))})")
             if key == "sources" and isinstance(v, str):
                 v = [v]
+            _check_type(path, k, key, v, getattr(cfg, key))
             setattr(cfg, key, v)
         return cfg
+
+
+_TYPES: dict[str, tuple[type, ...]] = {
+    "sources": (list,),
+    "mqtt": (str,),
+    "db": (str,),
+    "keys": (str,),
+    "web": (bool,),
+    "web_bind": (str,),
+    "print": (bool,),
+    "replay_speed": (str, int, float),
+    "follow": (bool,),
+    "passive": (bool,),
+    "publish_unknown": (bool,),
+    "min_interval": (int, float),
+    "raw_days": (int, float),
+    "names": (dict,),
+    "frames": (str,),
+}
+
+
+def _check_type(path: str, option: str, key: str, value: Any, default: Any) -> None:
+    types = _TYPES.get(key)
+    if types is None:
+        return
+    ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
+    if ok and key == "sources":
+        ok = all(isinstance(u, str) for u in value)
+    if ok and key == "names":
+        ok = all(isinstance(k, str) and isinstance(v, str) for k, v in value.items())
+    if not ok:
+        want = " or ".join("list of strings" if t is list else "table" if t is dict else t.__name__ for t in types)
+        raise ConfigError(f"{path}: option {option!r} must be a {want}, not {value!r}")
 
 
 class HistorySink:
@@ -114,6 +149,7 @@ class Service:
         self.history: Any = None
         self.publisher: Any = None
         self.gateway: Gateway | None = None
+        self._saved_counters: dict[str, int] = {}
 
     def _load_keys(self) -> tuple[dict[str, str], dict[str, str]]:
         from .keystore import Keystore
@@ -136,14 +172,24 @@ class Service:
         sources_urls = cfg.sources or ["bleak:"]
         try:
             sources: list[Source] = [
-                open_source(u, passive=cfg.passive, replay_speed=cfg.replay_speed) for u in sources_urls
+                self.sim_source
+                if self.sim_source is not None and u.startswith("sim:")
+                else open_source(u, passive=cfg.passive, replay_speed=cfg.replay_speed)
+                for u in sources_urls
             ]
         except SourceError as e:
             raise ConfigError(str(e)) from e
-        keys, names = self._load_keys()
-        from .history import History
+        from .history import History, HistoryError
+        from .keystore import KeystoreError
 
-        self.history = History(cfg.db or default_db())
+        try:
+            keys, names = self._load_keys()
+        except KeystoreError as e:
+            raise ConfigError(f"the keystore cannot be used: {e}") from e
+        try:
+            self.history = History(cfg.db or default_db())
+        except (HistoryError, OSError, sqlite3.DatabaseError) as e:
+            raise ConfigError(f"the history database {cfg.db or default_db()} cannot be opened: {e}") from e
         counters: dict[str, int] = {}
         raw = self.history.get_state("counters")
         if raw:
@@ -216,16 +262,19 @@ class Service:
             await asyncio.sleep(1.0)
             await asyncio.to_thread(self.history.flush)
             n += 1
-            if n % 10 == 0:
-                self._save_counters()
-                await asyncio.to_thread(self._save_frames)
+            self._save_counters()  # replay protection must survive a kill -9: at most a second behind
+            if n % 10 == 0 and self.gateway is not None:
+                frames = list(self.gateway.cache.advertisements())  # on the loop: the cache is not locked
+                await asyncio.to_thread(self._save_frames, frames)
             if n % 3600 == 0:
                 await asyncio.to_thread(self.history.prune, self.cfg.raw_days)
 
-    def _save_frames(self) -> None:
+    def _save_frames(self, frames: list[Any] | None = None) -> None:
         """Snapshot the recent-frame cache so that `mitherm doctor --mac … --key …` answers at once."""
         if self.gateway is None or not self.frames_snapshot:
             return
+        if frames is None:
+            frames = list(self.gateway.cache.advertisements())
         from .captures import write_jsonl_line
 
         path = Path(self.frames_snapshot)
@@ -233,15 +282,16 @@ class Service:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             with open(tmp, "w", encoding="utf-8") as f:
-                for adv in list(self.gateway.cache.advertisements()):
+                for adv in frames:
                     f.write(write_jsonl_line(adv) + "\n")
             tmp.replace(path)
         except OSError as e:
             log.warning("cannot write the recent-frame snapshot %s: %s", path, e)
 
     def _save_counters(self) -> None:
-        if self.gateway is not None and self.history is not None:
-            self.history.set_state("counters", json.dumps(self.gateway.counters))
+        if self.gateway is not None and self.history is not None and self.gateway.counters != self._saved_counters:
+            self._saved_counters = dict(self.gateway.counters)
+            self.history.set_state("counters", json.dumps(self._saved_counters))
 
     async def _availability(self) -> None:
         """Mark devices unavailable once they have been silent longer than their expire_after (judged by the

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from . import Emit, SourceError
@@ -37,7 +38,10 @@ class CaptureSource:
         start_cap: float | None = None
         n = 0
         try:
-            for adv in read_capture(self.path, source=self.name):
+            name = self.name
+            for adv in read_capture(self.path):
+                if not adv.source:
+                    adv = replace(adv, source=name)  # keep each record's receiver; the file name otherwise
                 if self.speed is not None:
                     if start_cap is None:
                         start_cap = adv.time

@@ -43,11 +43,13 @@ class SimSource:
         house: Any = None,
         radio: Any = None,
         name: str = "sim",
+        gatt: bool = False,
     ) -> None:
         self.house = house if house is not None else load_house_spec(spec, time_factor)
         self.radio = radio  # an external VirtualRadio (e.g. shared with `mitherm sim`), else our own
         self.name = name
         self.simulator: Any = None
+        self.gatt = gatt  # also serve each device's GATT services (Mi auth, settings, pvvx, OTA)
         self.advertisers: dict[str, Any] = {}
 
     async def _advertise(self, radio: Any) -> None:
@@ -57,6 +59,10 @@ class SimSource:
             self.advertisers[d.address] = await radio.add_advertiser(
                 d.address, d.address_type, interval_ms=ADVERTISER_INTERVAL_MS, start=False
             )
+            if self.gatt:
+                from ..sim.gatt import serve_gatt
+
+                await serve_gatt(self.advertisers[d.address], d)
         self.simulator = sim = Simulator(self.house)
         last: dict[str, float] = {}
         loop = asyncio.get_running_loop()

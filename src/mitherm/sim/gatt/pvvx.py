@@ -11,7 +11,8 @@ the real device.
 
 Commands: 0x00 device id, 0x18 beacon bindkey (set → ``device.rekey``), 0x20 comfort, 0x23 time,
 0x33 one measurement, 0x35 history (records every ``averaging × measure period``, index 1 = newest,
-end marker ``35 00 00``), 0x55/0x56 config/defaults, 0x72 reboot on disconnect; 0x5A and anything else
+end marker ``35 00 00``), 0x55/0x56 config/defaults (0x56 is answered with the ``55 VERSION cfg``
+buffer, as ``ble_send_cfg()`` does), 0x72 reboot on disconnect; 0x5A and anything else
 → ``[cmd, FF]``.
 
 Fault injection for tests: ``state_of(device).mute = True`` (no replies at all) and
@@ -31,8 +32,7 @@ from typing import Any
 from ...protocols import pvvx as proto
 from ...protocols.stock import HistoryRecord
 
-VERSION = 0x58  # v5.8, firmware.md sources table
-SW_VERSION = 0x0058
+VERSION = 0x58  # v5.8, firmware.md sources table; a flashed image changes ``device.firmware_version``
 SERVICES = 0x0001_F0FF  # OTA, ext-OTA, PIN, bindkey, history, screen, LR, T/H sensor … (illustrative)
 HW_ID_BY_MODEL = {"LYWSD03MMC": 0, "MHO-C401": 1, "CGG1": 2, "CGG1-ENCRYPTED": 2, "CGDK2": 6}
 HISTORY_CAPACITY = 2000  # records the virtual flash log keeps (an assumption)
@@ -134,8 +134,12 @@ def install(server: Any, device: Any) -> None:
     _STATES[device] = state
     hw_ver = state.config.hw_ver
 
+    def version() -> int:
+        # the OTA simulator sets device.firmware_version (BCD) after a flash; the stored cfg bytes stay
+        return int(getattr(device, "firmware_version", None) or VERSION) & 0xFF
+
     def config_value() -> bytes:
-        return bytes([proto.CMD_CONFIG, VERSION]) + state.config.to_bytes()
+        return bytes([proto.CMD_CONFIG, version()]) + state.config.to_bytes()
 
     async def reply(data: bytes) -> None:
         if server.connected:
@@ -180,7 +184,7 @@ def install(server: Any, device: Any) -> None:
                 state.comfort = struct.unpack_from("<hhHH", body)
             await reply(bytes([cmd]) + struct.pack("<hhHH", *state.comfort))
         elif cmd == proto.CMD_DEV_ID:
-            await reply(bytes([cmd]) + struct.pack("<BHHHI", 0, hw_ver or 0, SW_VERSION, 0x0002, SERVICES))
+            await reply(bytes([cmd]) + struct.pack("<BHHHI", 0, hw_ver or 0, version(), 0x0002, SERVICES))
         elif cmd == proto.CMD_MEASURE:
             n = body[0] if body else 1
             await reply(bytes([cmd, n]))
