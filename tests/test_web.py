@@ -50,7 +50,13 @@ def sim_adverts(house: House, seconds: float, start: float, sim: Simulator | Non
         sd, md, name = parse_ad_structures(ad)
         out.append(
             Advertisement(
-                mac=dev.address, time=start + t, service_data=sd, manufacturer_data=md, name=name, rssi=-61, source="sim"
+                mac=dev.address,
+                time=start + t,
+                service_data=sd,
+                manufacturer_data=md,
+                name=name,
+                rssi=-61,
+                source="sim",
             )
         )
     return out
@@ -162,9 +168,14 @@ async def test_devices_lists_known_and_nearby_with_masked_keys(client: TestClien
     living = devices[fed.mac("Living room")]
     assert living["known"] and living["name"] == "Living room"
     assert living["key_status"] == "verified"
-    assert living["key"] == fed.house.keys()[fed.mac("Living room")][:4] + "…" + fed.house.keys()[fed.mac("Living room")][-4:]
+    key = fed.house.keys()[fed.mac("Living room")]
+    assert living["key"] == f"{key[:4]}…{key[-4:]}"
     assert isinstance(living["values"]["temperature_c"], float)
-    assert living["firmware"] == {"kind": "stock", "label": "Stock firmware (MiBeacon v5), encrypted", "encrypted": True}
+    assert living["firmware"] == {
+        "kind": "stock",
+        "label": "Stock firmware (MiBeacon v5), encrypted",
+        "encrypted": True,
+    }
     assert living["receiver"] == "sim" and living["rssi"] == -61
     garage = devices[fed.mac("Garage")]
     assert garage["key_status"] == "key_failed" and garage["key_verdict"] == "wrong_key"

@@ -21,16 +21,18 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
-pytest.importorskip("playwright.async_api", reason="the Python package playwright is not installed (scripts/install-browser)")
+pytest.importorskip(
+    "playwright.async_api", reason="the Python package playwright is not installed (scripts/install-browser)"
+)
 
-from playwright.async_api import Page, async_playwright  # noqa: E402
-from test_web import NO_KEY, UNNAMED, plain_names, sim_adverts, write_keystore  # noqa: E402
+from playwright.async_api import Page, async_playwright
 
-from mitherm.captures import JsonlWriter  # noqa: E402
-from mitherm.history import History  # noqa: E402
-from mitherm.service import RunConfig, Service  # noqa: E402
-from mitherm.sim.house import builtin_house  # noqa: E402
-from mitherm.web.app import runner_url, serve  # noqa: E402
+from mitherm.captures import JsonlWriter
+from mitherm.history import History
+from mitherm.service import RunConfig, Service
+from mitherm.sim.house import builtin_house
+from mitherm.web.app import runner_url, serve
+from test_web import NO_KEY, UNNAMED, plain_names, sim_adverts, write_keystore
 
 CHROMIUM = os.environ.get("MITHERM_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
 if not CHROMIUM:
@@ -204,7 +206,8 @@ CHART_PIXELS_JS = """q => {
   const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
   let n = 0;
   for (let i = 0; i < d.length; i += 4)
-    if (Math.abs(d[i] - 228) < 40 && Math.abs(d[i + 1] - 87) < 40 && Math.abs(d[i + 2] - 46) < 40 && d[i + 3] > 200) n++;
+    if (Math.abs(d[i] - 228) < 40 && Math.abs(d[i + 1] - 87) < 40 && Math.abs(d[i + 2] - 46) < 40
+        && d[i + 3] > 200) n++;
   return n;
 }"""
 

@@ -433,12 +433,54 @@ def _company_id(key: str) -> int:
     return value
 
 
+_RAW_DECODE = json.JSONDecoder().raw_decode
+_MACS: dict[str, str] = {}
+_UUIDS: dict[str, int] = {}
+
+
+def _fast_adv(obj: Any, source: str | None) -> Advertisement | None:
+    """The records mitherm writes itself, without the full validation (a replay reads millions); None
+    when anything is unusual, and the validating path decides."""
+    try:
+        mac = _MACS.get(obj["mac"])
+        t = obj["time"]
+        rssi = obj.get("rssi")
+        name = obj.get("name")
+        if mac is None or type(t) is not float or (rssi is not None and type(rssi) is not int):
+            return None
+        if name is not None and type(name) is not str:
+            return None
+        service_data = {}
+        for key, value in obj["service_data"].items():
+            uuid = _UUIDS.get(key)
+            if uuid is None:
+                return None
+            service_data[uuid] = bytes.fromhex(value)
+        md = obj.get("manufacturer_data")
+        if md:
+            return None
+        address_type = obj.get("address_type")
+        if address_type not in ("public", "random", None):
+            return None
+        src = source if source is not None else obj.get("source") or ""
+        if type(src) is not str:
+            return None
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return None
+    return Advertisement(mac, t, service_data, rssi, name, address_type, {}, src)
+
+
 def _adv_from_json(obj: Any, source: str | None) -> Advertisement:
+    adv = _fast_adv(obj, source)
+    if adv is not None:
+        return adv
     if not isinstance(obj, dict):
         raise ValueError("expected a JSON object")
     if "mac" not in obj:
         raise ValueError('missing "mac"')
     mac = normalize_mac(str(obj["mac"]))
+    if isinstance(obj["mac"], str) and len(_MACS) < 100_000:
+        _MACS[obj["mac"]] = mac
     t = obj.get("time")
     if isinstance(t, bool) or not isinstance(t, int | float):
         raise ValueError('"time" must be a number (Unix seconds)')
@@ -456,7 +498,10 @@ def _adv_from_json(obj: Any, source: str | None) -> Advertisement:
     if not isinstance(raw_sd, dict):
         raise ValueError('"service_data" must be an object')
     for key, value in raw_sd.items():
-        service_data[parse_service_uuid(key)] = _hex_bytes(value, f"service_data[{key!r}]")
+        uuid = parse_service_uuid(key)
+        if isinstance(key, str) and len(_UUIDS) < 1000:
+            _UUIDS[key] = uuid
+        service_data[uuid] = _hex_bytes(value, f"service_data[{key!r}]")
     manufacturer_data: dict[int, bytes] = {}
     raw_md = obj.get("manufacturer_data") or {}
     if not isinstance(raw_md, dict):
@@ -498,8 +543,12 @@ def _jsonl_records(f: IO[bytes], name: str, owned: bool, skip: bool, source: str
             if not line:
                 continue
             try:
-                adv = _adv_from_json(json.loads(line), source)
-            except (ValueError, InvalidMac, InvalidUuid) as e:  # JSONDecodeError is a ValueError
+                text = line.decode("utf-8") if type(line) is bytes else line  # text-mode files give str
+                obj, end = _RAW_DECODE(text)  # json.loads without its encoding sniffing and regexes
+                if end != len(text):
+                    raise ValueError(f"extra data after the JSON object at column {end + 1}")
+                adv = _adv_from_json(obj, source)
+            except (ValueError, InvalidMac, InvalidUuid) as e:  # JSONDecodeError, UnicodeDecodeError too
                 if skip:
                     continue
                 raise CaptureError(f"{name}:{lineno}: not a mitherm capture record: {e}") from e

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
@@ -11,7 +11,7 @@ from .model import Advertisement
 from .uuids import MIBEACON
 
 
-@dataclass(slots=True, frozen=True)
+@dataclass(slots=True)
 class Frame:
     time: float
     mac: str
@@ -39,7 +39,7 @@ class FrameCache:
         self.per_device = per_device
         self.data_per_device = data_per_device
         self.max_devices = max_devices
-        self._frames: OrderedDict[str, deque[Frame]] = OrderedDict()
+        self._frames: dict[str, deque[Frame]] = {}
         self._data: dict[str, deque[Frame]] = {}
         self._names: dict[str, str] = {}
 
@@ -54,15 +54,16 @@ class FrameCache:
         ring = self._frames.get(frame.mac)
         if ring is None:
             if len(self._frames) >= self.max_devices:
-                old, _ = self._frames.popitem(last=False)
+                # evict the device heard least recently (rare: only past max_devices)
+                old = min(self._frames, key=lambda m: self._frames[m][-1].time)
+                del self._frames[old]
                 self._names.pop(old, None)
                 self._data.pop(old, None)
             ring = self._frames[frame.mac] = deque(maxlen=self.per_device)
             self._data[frame.mac] = deque(maxlen=self.data_per_device)
-        else:
-            self._frames.move_to_end(frame.mac)
         ring.append(frame)
-        if carries_data(frame):
+        p = frame.payload
+        if frame.service_uuid != MIBEACON or (len(p) >= 2 and p[0] & 0x40):  # carries_data, inlined
             self._data[frame.mac].append(frame)
         if frame.name:
             self._names[frame.mac] = frame.name

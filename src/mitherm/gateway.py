@@ -6,7 +6,6 @@ web UI. Time is the advertisement's own clock, so a replayed capture behaves as 
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -20,6 +19,7 @@ from .state import DeviceState, KeyStatus
 log = logging.getLogger(__name__)
 
 MEASUREMENTS = ("temperature_c", "humidity_pct", "battery_pct", "voltage_v")
+_NOT_STATE = frozenset({"flags", "packet_id", "trigger"})  # per-frame facts, not device state
 
 
 class Sink(Protocol):
@@ -34,13 +34,6 @@ class GatewayStats:
     decoded: int = 0
     replayed: int = 0
     failed: int = 0
-
-
-@dataclass(slots=True)
-class _Seen:
-    time: float
-    rssi: int | None
-    state_mac: str
 
 
 @dataclass
@@ -72,7 +65,9 @@ class Gateway:
         self.stats = GatewayStats()
         #: last accepted encrypted counter per device (replay protection; persisted by the owner)
         self.counters: dict[str, int] = dict(counters or {})
-        self._recent: OrderedDict[tuple[str, bytes], _Seen] = OrderedDict()
+        #: dedupe: (mac, payload) -> (time, mac), in time order (re-inserted on repeat) for the sweep
+        self._recent: dict[tuple[str, bytes], tuple[float, str]] = {}
+        self._inserts = 0
         self._diagnosed: dict[str, tuple[str, int]] = {}  # mac -> (key, failures when last diagnosed)
         self._failures: dict[str, int] = {}  # mac -> key failures seen (monotonic; the frame ring is bounded)
         self._last_data: dict[str, float] = {}
@@ -103,15 +98,35 @@ class Gateway:
 
     # --- the pipeline --------------------------------------------------------------------------------
     def handle(self, adv: Advertisement) -> list[tuple[DeviceState, Reading]]:
-        self.stats.adverts += 1
-        if adv.time > self.clock:
-            self.clock = adv.time
+        """Feed one advertisement; returns the (state, reading) pairs it produced (decoded data frames and
+        key failures)."""
+        stats = self.stats
+        stats.adverts += 1
+        t = adv.time
+        if t > self.clock:
+            self.clock = t
         out: list[tuple[DeviceState, Reading]] = []
+        recent = self._recent
+        window = self.options.dedupe_window
         for uuid, payload in adv.service_data.items():
             if uuid not in SUPPORTED_UUIDS:
                 continue
-            self.stats.frames += 1
-            r = self._frame(adv, uuid, bytes(payload))
+            stats.frames += 1
+            if type(payload) is not bytes:
+                payload = bytes(payload)
+            key = (adv.mac, payload)
+            seen = recent.get(key)
+            if seen is not None and t - seen[0] <= window:
+                stats.duplicates += 1
+                self._duplicate(adv, seen)
+                continue
+            if seen is not None:
+                del recent[key]  # re-insert at the end: the dict stays in time order for the sweep
+            recent[key] = (t, adv.mac)
+            self._inserts += 1
+            if self._inserts & 255 == 0:
+                self._sweep(t)
+            r = self._frame(adv, uuid, payload)
             if r is not None:
                 out.append(r)
         return out
@@ -120,38 +135,48 @@ class Gateway:
         for adv in advs:
             self.handle(adv)
 
+    def _duplicate(self, adv: Advertisement, seen: tuple[float, str]) -> None:
+        """The same frame from another receiver (or repeated): keep the best RSSI and its receiver."""
+        st = self.devices.get(seen[1])
+        if (
+            st is not None
+            and adv.rssi is not None
+            and (st.rssi is None or adv.rssi > st.rssi)
+            and st.last_seen == seen[0]
+        ):
+            st.rssi = adv.rssi
+            st.receiver = adv.source or st.receiver
+
+    def _sweep(self, now: float) -> None:
+        """Forget dedupe entries older than the window (they are in time order) and cap the size."""
+        recent = self._recent
+        horizon = now - self.options.dedupe_window
+        stale = []
+        for k, v in recent.items():
+            if v[0] >= horizon and len(recent) - len(stale) <= 50_000:
+                break
+            stale.append(k)
+        for k in stale:
+            del recent[k]
+
     def _frame(self, adv: Advertisement, uuid: int, payload: bytes) -> tuple[DeviceState, Reading] | None:
         mac = adv.mac
-        key = (mac, payload)
-        seen = self._recent.get(key)
-        if seen is not None and adv.time - seen.time <= self.options.dedupe_window:
-            self.stats.duplicates += 1
-            st = self.devices.get(seen.state_mac)
-            if (
-                st is not None
-                and adv.rssi is not None
-                and (st.rssi is None or adv.rssi > st.rssi)
-                and st.last_seen == seen.time
-            ):
-                st.rssi = adv.rssi
-                st.receiver = adv.source or st.receiver
-            return None
-        self._remember(key, adv)
-        self.cache.add(Frame(adv.time, mac, uuid, payload, adv.rssi, adv.name))
+        t = adv.time
+        self.cache.add(Frame(t, mac, uuid, payload, adv.rssi, adv.name))
         reading = self.decoder.decode(mac, uuid, payload)
-        st = self.devices.get(reading.mac)
+        rmac = reading.mac
+        st = self.devices.get(rmac)
         if st is None:
-            st = self.devices[reading.mac] = DeviceState(
-                mac=reading.mac, first_seen=adv.time, name=self.names.get(reading.mac)
-            )
-            st.known = reading.mac in self.keys or reading.mac in self.names
-        st.last_seen = adv.time
+            st = self.devices[rmac] = DeviceState(mac=rmac, first_seen=t, name=self.names.get(rmac))
+            st.known = rmac in self.keys or rmac in self.names
+        st.last_seen = t
         st.rssi = adv.rssi
         st.receiver = adv.source or None
         if adv.name and not st.name:
-            st.name = adv.name if not self.names.get(st.mac) else self.names[st.mac]
-        if reading.model and (st.model is None or reading.model not in ("ATC", "BTHome")):
-            st.model = reading.model
+            st.name = self.names.get(rmac) or adv.name
+        model = reading.model
+        if model and model != st.model and (st.model is None or model not in ("ATC", "BTHome")):
+            st.model = model
         if reading.product_id is not None:
             st.product_id = reading.product_id
         err = reading.error
@@ -164,46 +189,39 @@ class Gateway:
                 st.format = reading.format
                 self._check_key(st)
             return (st, reading) if err.code is not ErrorCode.MALFORMED else None
-        if not reading.values:
+        values = reading.values
+        if not values:
             return None  # idle frame
-        if reading.encrypted and not self._fresh_counter(reading):
-            self.stats.replayed += 1
-            return None
-        self.stats.decoded += 1
-        st.format = reading.format
         if reading.encrypted:
+            if not self._fresh_counter(reading):
+                self.stats.replayed += 1
+                return None
             if st.key_status != KeyStatus.VERIFIED:
                 if st.key_status == KeyStatus.FAILED:
                     log.warning("%s: the key works again", st.mac)
                 st.key_status = KeyStatus.VERIFIED
                 st.key_verdict = None
-        elif st.key_status in (KeyStatus.UNKNOWN, KeyStatus.MISSING) or st.mac not in self.keys:
+        elif st.key_status != KeyStatus.NOT_NEEDED and (
+            st.key_status in (KeyStatus.UNKNOWN, KeyStatus.MISSING) or rmac not in self.keys
+        ):
             st.key_status = KeyStatus.NOT_NEEDED
-        t = adv.time
-        prev = self._last_data.get(st.mac)
+        self.stats.decoded += 1
+        st.format = reading.format
+        prev = self._last_data.get(rmac)
         if prev is not None and t > prev:
             gap = t - prev
             st.data_interval = gap if st.data_interval is None else 0.8 * st.data_interval + 0.2 * gap
-        self._last_data[st.mac] = t
-        for name, value in reading.values.items():
-            if name in ("flags", "packet_id", "trigger"):
+        self._last_data[rmac] = t
+        svalues = st.values
+        updated = st.updated
+        for name, value in values.items():
+            if name in _NOT_STATE:
                 continue
-            st.values[name] = value
-            st.updated[name] = t
+            svalues[name] = value
+            updated[name] = t
         for sink in self.sinks:
             sink.publish(st, reading)
         return st, reading
-
-    def _remember(self, key: tuple[str, bytes], adv: Advertisement) -> None:
-        recent = self._recent
-        recent[key] = _Seen(adv.time, adv.rssi, adv.mac)
-        recent.move_to_end(key)
-        horizon = adv.time - self.options.dedupe_window
-        while recent:
-            s = next(iter(recent.values()))
-            if s.time >= horizon and len(recent) <= 50_000:
-                break
-            recent.popitem(last=False)
 
     def _fresh_counter(self, r: Reading) -> bool:
         """Reject replayed or out-of-order encrypted frames (the counter is part of the nonce)."""

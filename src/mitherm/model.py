@@ -80,7 +80,7 @@ class Reading:
         }
 
 
-@dataclass(slots=True, frozen=True)
+@dataclass(slots=True)
 class Advertisement:
     """One received advertisement, the same value whatever the source (radio, proxy, capture, simulator).
 

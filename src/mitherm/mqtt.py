@@ -25,6 +25,7 @@ import socket
 import sqlite3
 import ssl
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -416,8 +417,14 @@ class MqttPublisher:
         await pub.stop()                    # flushes held-back states, publishes offline, disconnects
     """
 
-    def __init__(self, settings: MqttSettings) -> None:
+    def __init__(self, settings: MqttSettings, clock: Callable[[], float] | None = None) -> None:
         self.settings = settings
+        #: the clock rate limits are judged by: wall time by default; the gateway passes the advertisements'
+        #: clock so that a replayed capture is rate-limited as it happened
+        self._clock: Callable[[], float] = clock or time.monotonic
+        self._capture_clock = clock is not None
+        self._sender_deadline: float | None = None  # when the sender wakes up next (None: idle)
+        self._disc_sig: dict[str, tuple[Any, ...]] = {}  # mac -> what its discovery payloads were built from
         path = settings.outbox_path or data_dir() / f"mqtt-outbox-{settings.gateway_id}.sqlite3"
         self._outbox = _Outbox(Path(path), settings.outbox_max)
         self._due: dict[str, _Msg] = {m.topic: m for m in self._outbox.load()}
@@ -461,16 +468,27 @@ class MqttPublisher:
         if not self.wants(state):
             return
         mac = normalize_mac(state.mac)
-        now = time.monotonic()
+        now = self._clock()
         s = self.settings
         if s.discovery:
             expire = expire_after_for(state.data_interval, self._expire.get(mac))
             self._expire[mac] = expire
-            announced = self._discovery.setdefault(mac, {})
-            for topic, payload in discovery_messages(state, s, expire):
-                if announced.get(topic) != payload:
-                    announced[topic] = payload
-                    self._enqueue(_Msg(topic, payload, True, _PRIO_DISCOVERY, now, mac))
+            sig = (
+                expire,
+                state.name,
+                state.model,
+                state.format,
+                state.product_id,
+                state.rssi is None,
+                tuple(k for k, v in state.values.items() if _is_number(v)),
+            )
+            if self._disc_sig.get(mac) != sig:  # build the payloads only when what they depend on changed
+                self._disc_sig[mac] = sig
+                announced = self._discovery.setdefault(mac, {})
+                for topic, payload in discovery_messages(state, s, expire):
+                    if announced.get(topic) != payload:
+                        announced[topic] = payload
+                        self._enqueue(_Msg(topic, payload, True, _PRIO_DISCOVERY, now, mac))
         if not self._available.get(mac):
             # first state, or a state after the pipeline marked it unavailable: the device is alive
             self._set_available(mac, True, now)
@@ -496,13 +514,14 @@ class MqttPublisher:
         mac = normalize_mac(mac)
         if self._available.get(mac) is available:
             return
-        self._set_available(mac, available, time.monotonic())
+        self._set_available(mac, available, self._clock())
 
     def forget_device(self, mac: str) -> None:
         """Remove a device from HA and the broker: empty retained payloads on its discovery, state and
         availability topics."""
         mac = normalize_mac(mac)
-        now = time.monotonic()
+        now = self._clock()
+        self._disc_sig.pop(mac, None)
         topics = list(self._discovery.pop(mac, {}))
         topics += [self.settings.device_topic(mac, "state"), self.settings.device_topic(mac, "availability")]
         for topic in topics:
@@ -548,7 +567,10 @@ class MqttPublisher:
                 self._outbox.put([msg])
             except sqlite3.Error as e:  # the in-memory copy still gets sent
                 log.warning("mqtt: cannot write the outbox %s: %s", self._outbox.path, e)
-        self._wake.set()
+        deadline = self._sender_deadline
+        if deadline is None or msg.due < deadline:
+            self._sender_deadline = msg.due
+            self._wake.set()  # the sender sleeps until `deadline`: wake it only for something due earlier
 
     # -- connection ------------------------------------------------------------------------------------
 
@@ -670,13 +692,16 @@ class MqttPublisher:
                 await self._send_due(client, flush_all=True)
                 return
             next_due = await self._send_due(client)
-            timeout = None if next_due is None else max(0.0, next_due - time.monotonic())
+            self._sender_deadline = next_due
+            timeout = None if next_due is None else max(0.0, next_due - self._clock())
+            if timeout is not None and self._capture_clock:
+                timeout = min(timeout, 0.25)  # the capture clock may run faster than the wall clock
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=timeout)
 
     async def _send_due(self, client: aiomqtt.Client, flush_all: bool = False) -> float | None:
         """Publish the messages that are due; return the monotonic time of the next one (or None)."""
-        now = time.monotonic()
+        now = self._clock()
         ready = sorted((m for m in self._due.values() if flush_all or m.due <= now), key=lambda m: (m.prio, m.seq))
         for m in ready:
             await client.publish(m.topic, m.payload, qos=self.settings.qos, retain=m.retain, timeout=10.0)
@@ -689,7 +714,7 @@ class MqttPublisher:
                 except sqlite3.Error as e:
                     log.warning("mqtt: cannot update the outbox %s: %s", self._outbox.path, e)
             if m.prio == _PRIO_STATE and m.mac is not None:
-                self._last_pub[m.mac] = time.monotonic()
+                self._last_pub[m.mac] = now
                 if m.signature is not None:
                     self._last_sig[m.mac] = m.signature
         return min((m.due for m in self._due.values()), default=None)

@@ -211,7 +211,9 @@ class Service:
             settings = MqttSettings.from_url(
                 cfg.mqtt, publish_unknown=cfg.publish_unknown, min_interval=cfg.min_interval
             )
-            self.publisher = MqttPublisher(settings)
+            replay = all(u.startswith("capture:") for u in sources_urls)
+            # a replay is rate-limited by the capture's own clock, so an old capture publishes as it happened
+            self.publisher = MqttPublisher(settings, clock=(lambda: gw.clock) if replay else None)
             gw.sinks.append(MqttSink(self.publisher))
             background.append(asyncio.create_task(self.publisher.run(), name="mqtt"))
             background.append(asyncio.create_task(self._availability(), name="availability"))

@@ -513,6 +513,9 @@ def apply_pvvx_settings(
             raise SettingsError(f"firmware {new.version_text} has no encrypted beacons")
         new = replace(new, **{field_name: value})
     clamped, notes = pv.clamp_config(new)
+    # say what the user asked for ("interval=20s"), not the intermediate byte
+    asked = {PVVX_SETTINGS[k.strip().lower()][0]: f"{k}={v}" for k, v in changes.items()}
+    notes = [replace(n, requested=asked.get(n.field, n.requested)) for n in notes]
     return clamped, notes, limits
 
 

@@ -244,7 +244,38 @@ class WebApp:
         self._sink_on: Any = None
         self.url: str | None = None  # set by serve()
         self._rows: dict[str, Any] = {}
+        self._last_values: dict[str, dict[str, tuple[float, float]]] = {}
         self._rows_time = -math.inf
+
+    def history_values(self, mac: str) -> dict[str, tuple[float, float]]:
+        """The last recorded ``(time, value)`` of each quantity (looked up once per device): the dashboard
+        shows them, marked stale, until the device sends again (a stock sensor may take ten minutes)."""
+        cached = self._last_values.get(mac)
+        if cached is not None:
+            return cached
+        vals: dict[str, tuple[float, float]] = {}
+        row = self.history_row(mac)
+        hist = self.service.history
+        if hist is not None and row is not None and row.last_seen:
+            try:
+                for r in hist.readings(mac, since=row.last_seen - 86400.0, quantity=QUANTITIES):
+                    vals[r.quantity] = (r.ts, r.value)
+            except Exception as e:
+                log.debug("history values of %s: %s", mac, e)
+        self._last_values[mac] = vals
+        return vals
+
+    def _with_stale(self, d: dict[str, Any]) -> dict[str, Any]:
+        stale: dict[str, float] = {}
+        missing = [q for q in QUANTITIES if q not in d["values"]]
+        if missing:
+            hv = self.history_values(d["mac"])
+            for q in missing:
+                if q in hv:
+                    stale[q] = hv[q][0]
+                    d["values"][q] = _finite(hv[q][1])
+        d["stale"] = stale
+        return d
 
     def history_row(self, mac: str) -> Any:
         """The device's History row (model, format, first/last seen), cached for ``ROWS_TTL`` seconds: it fills in
@@ -340,7 +371,7 @@ class WebApp:
             row = self.history_row(st.mac)
             fmt = row.format if row is not None else None
         d["firmware"] = firmware_info(fmt, st.model)
-        return d
+        return self._with_stale(d)
 
     def offline_json(self, mac: str) -> dict[str, Any]:
         """A known device (keystore entry or dashboard name) not heard since the gateway started."""
@@ -350,26 +381,28 @@ class WebApp:
         name = self.names().get(mac) or (row.name if row else None)
         fmt = row.format if row else None
         model = (row.model if row else None) or (entry.model if entry else None)
-        return {
-            "mac": mac,
-            "name": name,
-            "model": model,
-            "format": fmt,
-            "values": {},
-            "rssi": None,
-            "receiver": None,
-            "last_seen": (row.last_seen if row else None) or 0.0,
-            "key_status": KeyStatus.UNKNOWN,
-            "key_verdict": None,
-            "known": True,
-            "online": False,
-            "key": mask_key(entry.bindkey) if entry is not None and entry.bindkey else None,
-            "key_source": entry.source if entry is not None and entry.bindkey else None,
-            "first_seen": row.first_seen if row else None,
-            "data_interval": None,
-            "product_id": None,
-            "firmware": firmware_info(fmt, model),
-        }
+        return self._with_stale(
+            {
+                "mac": mac,
+                "name": name,
+                "model": model,
+                "format": fmt,
+                "values": {},
+                "rssi": None,
+                "receiver": None,
+                "last_seen": (row.last_seen if row else None) or 0.0,
+                "key_status": KeyStatus.UNKNOWN,
+                "key_verdict": None,
+                "known": True,
+                "online": False,
+                "key": mask_key(entry.bindkey) if entry is not None and entry.bindkey else None,
+                "key_source": entry.source if entry is not None and entry.bindkey else None,
+                "first_seen": row.first_seen if row else None,
+                "data_interval": None,
+                "product_id": None,
+                "firmware": firmware_info(fmt, model),
+            }
+        )
 
     def all_devices(self) -> dict[str, dict[str, Any]]:
         gw = self.gateway
@@ -406,9 +439,7 @@ def _mac(request: web.Request) -> str:
     try:
         return normalize_mac(request.match_info["mac"])
     except InvalidMac as e:
-        raise web.HTTPBadRequest(
-            text=json.dumps({"error": str(e)}), content_type="application/json"
-        ) from None
+        raise web.HTTPBadRequest(text=json.dumps({"error": str(e)}), content_type="application/json") from None
 
 
 async def _json_body(request: web.Request) -> dict[str, Any]:
@@ -703,9 +734,7 @@ async def api_set_key(request: web.Request) -> web.Response:
     dx = _diagnose(app, mac, key)
     saved = False
     status = None
-    if dx.verdict not in (Verdict.INVALID_KEY, Verdict.PLACEHOLDER_KEY) and (
-        dx.ok or dx.verdict in UNDECIDED or force
-    ):
+    if dx.verdict not in (Verdict.INVALID_KEY, Verdict.PLACEHOLDER_KEY) and (dx.ok or dx.verdict in UNDECIDED or force):
         ks = app.service.keystore
         if ks is None:
             return _error(503, "no keystore")
@@ -763,6 +792,8 @@ async def api_delete(request: web.Request) -> web.Response:
     if svc.history is not None:
         await asyncio.to_thread(svc.history.delete_device, mac)
         app._save_names()
+    app._last_values.pop(mac, None)
+    app._rows_time = -math.inf
     gw = app.gateway
     if gw is not None:
         gw.devices.pop(mac, None)

@@ -21,10 +21,15 @@
     device = d;
     document.title = "mitherm — " + (d.name || d.mac);
     document.getElementById("title").textContent = d.name || d.model || d.mac;
-    document.getElementById("key-badge").replaceChildren(MT.keyBadge(d));
+    const badge = MT.keyBadge(d), holder = document.getElementById("key-badge");
+    if (!(holder.firstChild && holder.firstChild.isEqualNode(badge))) holder.replaceChildren(badge);
     const v = d.values || {};
+    const stale = d.stale || {};
     for (const q of ["temperature_c", "humidity_pct", "battery_pct", "voltage_v"]) {
-      document.querySelector(`[data-field="${q}"]`).textContent = MT.fmtValue(q, v[q]);
+      const e = document.querySelector(`[data-field="${q}"]`);
+      e.textContent = MT.fmtValue(q, v[q]);
+      e.classList.toggle("stale", q in stale);
+      e.title = q in stale ? "last recorded " + MT.fmtTime(stale[q]) : "";
     }
     document.querySelector('[data-field="rssi"]').textContent =
       typeof d.rssi === "number" ? `${d.rssi} dBm via ${d.receiver || "?"}` : "–";
@@ -121,8 +126,8 @@
       if (data.series[q] && data.t.length) { makeChart(q, data); any = true; }
     }
     if (!any) holder.append(MT.el("div", { class: "chart" }, MT.el("div", { class: "nodata", text: "No history for this range yet." })));
-    document.getElementById("range-note").textContent = (data.kind === "hourly" ? "Hourly mean with min–max band. " :
-      data.kind === "raw" ? "Every reading. " : "") + "Drag across a chart to zoom, double-click to zoom out.";
+    const kind = !any ? "" : data.kind === "hourly" ? "Hourly mean with min–max band. " : "Every reading. ";
+    document.getElementById("range-note").textContent = kind + "Drag across a chart to zoom, double-click to zoom out.";
     document.body.dataset.chartsReady = String(Object.keys(charts).length);
   }
 

@@ -47,7 +47,7 @@
         td.textContent = content;
         if (had && cls === "num") { td.classList.remove("flash"); void td.offsetWidth; td.classList.add("flash"); }
       }
-    } else {
+    } else if (!(td.childNodes.length === 1 && td.firstChild.isEqualNode(content))) {
       td.replaceChildren(content);
     }
     return td;
@@ -71,10 +71,11 @@
     }
     cell(row, "model", d.model || "–");
     cell(row, "firmware", d.firmware ? d.firmware.label : "–");
-    cell(row, "temperature_c", MT.fmtValue("temperature_c", v.temperature_c), "num");
-    if (!nearby) {
-      cell(row, "humidity_pct", MT.fmtValue("humidity_pct", v.humidity_pct), "num");
-      cell(row, "battery_pct", MT.fmtValue("battery_pct", v.battery_pct), "num");
+    const stale = d.stale || {};
+    for (const q of nearby ? ["temperature_c"] : ["temperature_c", "humidity_pct", "battery_pct"]) {
+      const td = cell(row, q, MT.fmtValue(q, v[q]), "num");
+      td.classList.toggle("stale", q in stale);
+      td.title = q in stale ? "last recorded " + MT.fmtTime(stale[q]) + " (not received since the gateway started)" : "";
     }
     cell(row, "rssi", typeof d.rssi === "number" ? d.rssi + " dBm" : "–", "num");
     if (!nearby) cell(row, "receiver", d.receiver || "–");
