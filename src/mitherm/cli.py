@@ -356,6 +356,7 @@ def capture(output: str, sources: tuple[str, ...], seconds: float | None, all_de
 @click.option("--db", help="SQLite history file (default: the user data dir).")
 @click.option("--keys", "keys_path", help="Keystore file (default: the user config dir).")
 @click.option("--no-web", is_flag=True, help="Do not serve the dashboard.")
+@click.option("--web-bind", help="Dashboard address (default 127.0.0.1:8086; elsewhere a password is required).")
 @click.option("--print", "print_", is_flag=True, help="One JSON line per device update on stdout.")
 @click.option("--replay-speed", default=None, help="Captures: 'max' (default) or a factor (1 = recorded pace).")
 @click.option("--follow", is_flag=True, help="Keep running after a capture ends.")
@@ -369,6 +370,7 @@ def run(
     db: str | None,
     keys_path: str | None,
     no_web: bool,
+    web_bind: str | None,
     print_: bool,
     replay_speed: str | None,
     follow: bool,
@@ -391,6 +393,7 @@ def run(
         ("keys", keys_path),
         ("replay_speed", replay_speed),
         ("min_interval", min_interval),
+        ("web_bind", web_bind),
     ):
         if value is not None:
             setattr(cfg, attr, value)
@@ -548,8 +551,12 @@ def _house_table(house: Any, keys: dict[str, str], title: str) -> Any:
 @click.option("--tcp", "tcp_port", type=int, help="Also serve the virtual radio as a Bumble HCI TCP server on PORT.")
 @click.option("--seconds", type=float, help="Stop after N seconds.")
 @click.option("--json", "as_json", is_flag=True, help="Print the devices and their keys as JSON, then run.")
-@click.option("--gatt/--no-gatt", default=True, show_default=True,
-              help="Serve each device's GATT services (Mi auth, settings, pvvx commands, OTA) for connections.")
+@click.option(
+    "--gatt/--no-gatt",
+    default=True,
+    show_default=True,
+    help="Serve each device's GATT services (Mi auth, settings, pvvx commands, OTA) for connections.",
+)
 def sim(
     house_spec: str, time_factor: float | None, tcp_port: int | None, seconds: float | None, as_json: bool, gatt: bool
 ) -> None:
@@ -637,11 +644,12 @@ def demo(seconds: float | None, demo_dir: str | None, mqtt: str | None, print_: 
         keys=str(base / "keys.json"),
         mqtt=mqtt,
         print=print_,
-        web=False,
+        web=True,
         publish_unknown=True,
         min_interval=5.0,
     )
     service = Service(cfg, sim_source=src, capture_path=str(capture))
+    service.web_any_port = True
 
     async def go() -> None:
         task = asyncio.create_task(service.run())
@@ -651,6 +659,12 @@ def demo(seconds: float | None, demo_dir: str | None, mqtt: str | None, print_: 
                 return
             loop = asyncio.get_running_loop()
             end = loop.time() + seconds if seconds else None
+            for _ in range(100):
+                if service.web_url or task.done():
+                    break
+                await asyncio.sleep(0.05)
+            if service.web_url:
+                console.print(f"[bold]dashboard:[/] {service.web_url}")
             with Live(_scan_table([]), console=console, refresh_per_second=2) as live:
                 while not task.done() and (end is None or loop.time() < end):
                     await asyncio.sleep(0.5)

@@ -37,6 +37,7 @@ class RunConfig:
     keys: str | None = None
     web: bool = True
     web_bind: str = "127.0.0.1:8086"
+    web_password: str | None = None  # required when web_bind is not loopback (or MITHERM_WEB_PASSWORD)
     print: bool = False
     replay_speed: str = "max"
     follow: bool = False
@@ -77,6 +78,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "keys": (str,),
     "web": (bool,),
     "web_bind": (str,),
+    "web_password": (str,),
     "print": (bool,),
     "replay_speed": (str, int, float),
     "follow": (bool,),
@@ -149,6 +151,9 @@ class Service:
         self.history: Any = None
         self.publisher: Any = None
         self.gateway: Gateway | None = None
+        self.web_runner: Any = None
+        self.web_any_port = False  # the demo takes any free port when the default one is busy
+        self.web_url: str | None = None
         self._saved_counters: dict[str, int] = {}
 
     def _load_keys(self) -> tuple[dict[str, str], dict[str, str]]:
@@ -218,6 +223,8 @@ class Service:
             background.append(asyncio.create_task(self.publisher.run(), name="mqtt"))
             background.append(asyncio.create_task(self._availability(), name="availability"))
 
+        if cfg.web:
+            await self._start_web()
         writer = None
         if self.capture_path:
             from .captures import JsonlWriter
@@ -253,6 +260,25 @@ class Service:
             if writer is not None:
                 writer.close()
         return gw
+
+    async def _start_web(self) -> None:
+        from .web.app import WEB_KEY, serve
+
+        try:
+            try:
+                self.web_runner = await serve(self, self.cfg.web_bind, password=self.cfg.web_password)
+            except OSError:
+                if not self.web_any_port:
+                    raise
+                host = self.cfg.web_bind.rpartition(":")[0] or "127.0.0.1"
+                self.web_runner = await serve(self, f"{host}:0", password=self.cfg.web_password)
+        except OSError as e:
+            raise ConfigError(
+                f"the dashboard cannot listen on {self.cfg.web_bind}: {e.strerror or e}. Choose another address "
+                "with --web-bind HOST:PORT, or run without the dashboard (--no-web)"
+            ) from e
+        self.web_url = self.web_runner.app[WEB_KEY].url
+        log.warning("dashboard: %s", self.web_url)
 
     def _write(self, text: str) -> None:
         self.out.write(text)
@@ -323,6 +349,9 @@ class Service:
                 log.warning("keystore changed: %d device key(s) updated", len(changed))
 
     async def _shutdown(self, background: list[asyncio.Task[Any]]) -> None:
+        if self.web_runner is not None:
+            with contextlib.suppress(Exception):
+                await self.web_runner.cleanup()
         if self.publisher is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.publisher.stop(timeout=4), 5)

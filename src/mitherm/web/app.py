@@ -37,7 +37,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 from aiohttp import web
 
@@ -515,7 +515,7 @@ async def security_middleware(request: web.Request, handler: Handler) -> web.Str
     if not authed and not _public(request.path):
         if _wants_json(request):
             return _error(401, "log in first", login="/login")
-        raise web.HTTPFound(f"/login?next={request.path_qs}" if request.path != "/" else "/login")
+        raise web.HTTPFound(f"/login?next={quote(request.path_qs, safe='/')}" if request.path != "/" else "/login")
     return await handler(request)
 
 

@@ -6,7 +6,7 @@ document.getElementById("login-form").addEventListener("submit", async (e) => {
   const r = await MT.api("POST", "/api/login", { password: document.getElementById("password").value });
   if (r.ok) {
     const next = new URLSearchParams(location.search).get("next") || "/";
-    location.href = next.startsWith("/") && !next.startsWith("//") ? next : "/";
+    location.href = /^\/(?![\/\\])/.test(next) ? next : "/"; // same-site paths only, no //host or /\host
   } else {
     document.getElementById("login-error").textContent = (r.data && r.data.error) || "Login failed.";
   }
