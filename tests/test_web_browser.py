@@ -22,6 +22,13 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 import pytest_asyncio
 
+from mitherm.captures import JsonlWriter
+from mitherm.history import History
+from mitherm.service import RunConfig, Service
+from mitherm.sim.house import builtin_house
+from mitherm.web.app import runner_url, serve
+from test_web import NO_KEY, UNNAMED, plain_names, sim_adverts, write_keystore
+
 # ./scripts/test installs playwright (Python package only) and Debian's chromium; in CI a missing browser is a
 # failure, not a skip, so the dashboard is never silently untested.
 _IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
@@ -32,12 +39,6 @@ except ImportError:
         raise
     pytest.skip("the Python package playwright is not installed (./scripts/test installs it)", allow_module_level=True)
 
-from mitherm.captures import JsonlWriter
-from mitherm.history import History
-from mitherm.service import RunConfig, Service
-from mitherm.sim.house import builtin_house
-from mitherm.web.app import runner_url, serve
-from test_web import NO_KEY, UNNAMED, plain_names, sim_adverts, write_keystore
 
 CHROMIUM = os.environ.get("MITHERM_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
 if not CHROMIUM:
