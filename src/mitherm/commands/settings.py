@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import re
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ import click
 from ..protocols import pvvx as pv
 from ..protocols import stock as st
 from ..protocols.stock import HistoryProgress, HistoryRecord
+from .device import DeviceCommandError, _target, connection_options, sim_radio
 
 __all__ = [
     "LiveReading",
@@ -731,18 +733,74 @@ def _diff_table(before: pv.PvvxConfig, after: pv.PvvxConfig, title: str) -> Any:
     return table
 
 
-def _run(coro: Any) -> Any:
-    try:
-        return asyncio.run(coro)
-    except KeyboardInterrupt:
-        raise click.Abort() from None
+# --- connection options (the same as `mitherm info` / `activate` / `flash`) ---------------------------------
 
 
-def _transport_option(f: Callable[..., Any]) -> Callable[..., Any]:
-    f = click.option(
-        "--timeout", type=float, default=DEFAULT_TIMEOUT, show_default=True, help="Connection timeout (s)."
-    )(f)
-    return click.option("--transport", help="Connect through a Bumble transport (usb:0, tcp-client:HOST:PORT…).")(f)
+@dataclass(frozen=True, slots=True)
+class _Connection:
+    """Where a command connects: ``--source``, ``--sim HOUSE``, ``--timeout`` (and the hidden ``--transport``,
+    the old spelling of ``--source bumble:TRANSPORT``)."""
+
+    source: str | None = None
+    sim_house: str | None = None
+    transport: str | None = None
+    timeout: float = DEFAULT_TIMEOUT
+
+    def run(self, work: Callable[[dict[str, Any]], Awaitable[Any]]) -> Any:
+        """Run ``work(conn)`` with ``conn = {"radio", "transport", "timeout"}`` (keyword arguments of the
+        async functions) on the chosen radio: a virtual house for ``--sim``, the Bumble transport of
+        ``--source bumble:…``, else the local adapter. Errors as ClickException."""
+        source = self.source
+        if self.transport:
+            if source:
+                raise click.ClickException("give --source or --transport, not both")
+            source = f"bumble:{self.transport}"
+        if self.sim_house and source:
+            flag = "--transport" if self.transport else "--source"
+            raise click.ClickException(f"give {flag} or --sim, not both")
+        target = None if self.sim_house else _target(source)
+
+        async def go() -> Any:
+            if self.sim_house:
+                async with sim_radio(self.sim_house) as radio:
+                    return await work({"radio": radio, "transport": None, "timeout": self.timeout})
+            return await work({"radio": None, "transport": target, "timeout": self.timeout})
+
+        try:
+            return asyncio.run(go())
+        except DeviceCommandError as e:
+            raise click.ClickException(str(e)) from None
+        except KeyboardInterrupt:
+            raise click.Abort() from None
+
+
+_CONNECTION_PARAMS = ("source", "sim_house", "transport", "timeout")
+
+
+def _connection_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """``--source``, ``--sim HOUSE``, ``--timeout`` as on the device commands, plus the hidden ``--transport``."""
+    f = click.option("--transport", hidden=True, help="Same as --source bumble:TRANSPORT (old spelling).")(f)
+    return connection_options(f)
+
+
+def _connection(params: Mapping[str, Any]) -> _Connection:
+    return _Connection(**{k: params[k] for k in _CONNECTION_PARAMS})
+
+
+def _pvvx_connection_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """The connection options on a ``pvvx`` subcommand too (``mitherm pvvx MAC config --sim HOUSE``): the
+    ones given there replace the group's."""
+
+    @functools.wraps(f)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        ctx = click.get_current_context()
+        given = {k: kwargs.pop(k) for k in _CONNECTION_PARAMS}
+        for name, value in given.items():
+            if ctx.get_parameter_source(name) not in (None, click.ParameterSource.DEFAULT):
+                ctx.obj["conn"] = replace(ctx.obj["conn"], **{name: value})
+        return f(*args, **kwargs)
+
+    return _connection_options(wrapper)
 
 
 # --- click commands -----------------------------------------------------------------------------------------
@@ -752,24 +810,25 @@ def _transport_option(f: Callable[..., Any]) -> Callable[..., Any]:
 @click.argument("mac")
 @click.argument("setting")
 @click.argument("values", nargs=-1)
-@_transport_option
-def set_(mac: str, setting: str, values: tuple[str, ...], transport: str | None, timeout: float) -> None:
+@_connection_options
+def set_(mac: str, setting: str, values: tuple[str, ...], **conn: Any) -> None:
     """Change a setting: `unit C|F`, `clock` (from the host clock, with time zone). On pvvx firmware
     KEY=VALUE settings of `mitherm pvvx MAC set` are accepted too."""
     name = setting.lower()
+    connection = _connection(conn)
     console = _console()
     if name == "unit":
         if len(values) != 1:
             raise click.UsageError("usage: mitherm set MAC unit C|F")
-        before, after = _run(set_unit(mac, values[0], transport=transport, timeout=timeout))
+        before, after = connection.run(lambda kw: set_unit(mac, values[0], **kw))
         console.print(f"unit: {before} -> {after}")
     elif name == "clock":
-        result = _run(set_clock(mac, transport=transport, timeout=timeout))
+        result = connection.run(lambda kw: set_clock(mac, **kw))
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(result["after"]))
         console.print(f"clock set ({result['firmware']}): device now reads {result['after']} ({when})")
     elif "=" in setting:
         changes = _parse_pairs((setting, *values))
-        result = _run(pvvx_set(mac, changes, transport=transport, timeout=timeout))
+        result = connection.run(lambda kw: pvvx_set(mac, changes, **kw))
         _print_set_result(console, mac, result)
     else:
         raise click.UsageError(f"unknown setting {setting!r}: use unit, clock, or KEY=VALUE on pvvx firmware")
@@ -778,10 +837,10 @@ def set_(mac: str, setting: str, values: tuple[str, ...], transport: str | None,
 @click.command("read")
 @click.argument("mac")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-@_transport_option
-def read(mac: str, as_json: bool, transport: str | None, timeout: float) -> None:
+@_connection_options
+def read(mac: str, as_json: bool, **conn: Any) -> None:
     """Read the live temperature, humidity and battery voltage over GATT."""
-    live: LiveReading = _run(read_live(mac, transport=transport, timeout=timeout))
+    live: LiveReading = _connection(conn).run(lambda kw: read_live(mac, **kw))
     if as_json:
         click.echo(json.dumps(live.to_json()))
         return
@@ -789,25 +848,42 @@ def read(mac: str, as_json: bool, transport: str | None, timeout: float) -> None
     _console().print(f"{live.temperature_c:.2f} °C  {live.humidity_pct:g} %  battery {volts}  ({live.firmware})")
 
 
-@click.group("pvvx")
+class _PvvxGroup(click.Group):
+    """Accepts the group's options after MAC (`mitherm pvvx MAC --sim HOUSE config`): click stops parsing a
+    group's options at its first positional argument, so MAC is moved behind them first."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and not args[0].startswith("-"):
+            mac, rest = args[0], list(args[1:])
+            # a dry run of the parser on the rest (+ a stand-in for MAC) tells where the options end
+            _, left, _ = self.make_parser(ctx).parse_args(args=[*rest, "MAC"])
+            n_options = len(rest) - len(left)
+            args = [*rest[:n_options], mac, *rest[n_options:]]
+        return super().parse_args(ctx, args)
+
+
+@click.group("pvvx", cls=_PvvxGroup)
 @click.argument("mac")
-@_transport_option
+@_connection_options
 @click.pass_context
-def pvvx(ctx: click.Context, mac: str, transport: str | None, timeout: float) -> None:
-    """Configure a device running the pvvx custom firmware."""
-    ctx.obj = {"mac": mac, "transport": transport, "timeout": timeout}
+def pvvx(ctx: click.Context, mac: str, **conn: Any) -> None:
+    """Configure a device running the pvvx custom firmware. The connection options (--source, --sim,
+    --timeout) go before or after the subcommand: `mitherm pvvx MAC --sim HOUSE config`."""
+    ctx.obj = {"mac": mac, "conn": _connection(conn)}
 
 
-def _conn(ctx: click.Context) -> dict[str, Any]:
-    return {"transport": ctx.obj["transport"], "timeout": ctx.obj["timeout"]}
+def _run(ctx: click.Context, work: Callable[[dict[str, Any]], Awaitable[Any]]) -> Any:
+    connection: _Connection = ctx.obj["conn"]
+    return connection.run(work)
 
 
 @pvvx.command("config")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@_pvvx_connection_options
 @click.pass_context
 def pvvx_config_cmd(ctx: click.Context, as_json: bool) -> None:
     """Show the device config."""
-    cfg: pv.PvvxConfig = _run(pvvx_config(ctx.obj["mac"], **_conn(ctx)))
+    cfg: pv.PvvxConfig = _run(ctx, lambda kw: pvvx_config(ctx.obj["mac"], **kw))
     if as_json:
         click.echo(json.dumps(cfg.to_json()))
     else:
@@ -840,13 +916,14 @@ def _print_set_result(console: Any, mac: str, result: dict[str, Any]) -> None:
 
 @pvvx.command("set", context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("settings", nargs=-1, required=True)
+@_pvvx_connection_options
 @click.pass_context
 def pvvx_set_cmd(ctx: click.Context, settings: tuple[str, ...]) -> None:
     """Change settings, KEY=VALUE: advertising=bthome|pvvx|atc1441|mi, interval=2500ms, measure=4|10s,
     tx=0xA9, unit=C|F, encrypted=on|off, comfort=on|off|21-26/30-60, smiley, battery, flags, latency,
     lcd, averaging, lowpower, longrange, bt5phy."""
     changes = _parse_pairs(settings)
-    result = _run(pvvx_set(ctx.obj["mac"], changes, **_conn(ctx)))
+    result = _run(ctx, lambda kw: pvvx_set(ctx.obj["mac"], changes, **kw))
     _print_set_result(_console(), ctx.obj["mac"], result)
 
 
@@ -864,6 +941,7 @@ def pvvx_set_cmd(ctx: click.Context, settings: tuple[str, ...]) -> None:
     default=None,
     help="Keystore file (default: keys.json in the mitherm config directory; env MITHERM_KEYSTORE).",
 )
+@_pvvx_connection_options
 @click.pass_context
 def pvvx_bindkey_cmd(
     ctx: click.Context,
@@ -882,36 +960,47 @@ def pvvx_bindkey_cmd(
         store = Keystore(keystore_path) if key is not None or new else None
     except KeystoreError as e:
         raise click.ClickException(str(e)) from None
-    result = _run(pvvx_bindkey(mac, key, new=new, keystore=store, **_conn(ctx)))
     console = _console()
-    shown = result["key"] if show_key else mask_key(result["key"])
-    if not result["changed"]:
-        console.print(f"beacon bindkey: {shown if result['key'] else 'none stored'}")
+
+    async def work(kw: dict[str, Any]) -> Any:
+        # one connection context for both steps: with --sim the check listens on the same virtual house
+        result = await pvvx_bindkey(mac, key, new=new, keystore=store, **kw)
+        shown = result["key"] if show_key else mask_key(result["key"])
+        if not result["changed"]:
+            console.print(f"beacon bindkey: {shown if result['key'] else 'none stored'}")
+            return None
+        console.print(f"beacon bindkey set to {shown} and stored in the keystore (source pvvx)")
+        if not result["encrypted"]:
+            console.print(f"encrypted beacons are off: turn them on with `mitherm pvvx {mac} set encrypted=on`")
+            return None
+        if no_verify:
+            return None
+        return await verify_bindkey(
+            mac, result["key"], radio=kw["radio"], transport=kw["transport"], timeout=verify_timeout
+        )
+
+    dx = _run(ctx, work)
+    if dx is None:
         return
-    console.print(f"beacon bindkey set to {shown} and stored in the keystore (source pvvx)")
-    if not result["encrypted"]:
-        console.print(f"encrypted beacons are off: turn them on with `mitherm pvvx {mac} set encrypted=on`")
-        return
-    if no_verify:
-        return
-    dx = _run(verify_bindkey(mac, result["key"], transport=ctx.obj["transport"], timeout=verify_timeout))
     console.print(f"check on the next advert: {dx.verdict.value}" + ("" if dx.ok else f" — {dx.advice}"))
     if not dx.ok and dx.verdict.value not in ("device_not_seen", "no_encrypted_frames"):
         raise click.ClickException("the new key does not decrypt the device's adverts")
 
 
 @pvvx.command("time")
+@_pvvx_connection_options
 @click.pass_context
 def pvvx_time_cmd(ctx: click.Context) -> None:
     """Set the device clock to the host's local time (as the official tools do)."""
-    result = _run(pvvx_time(ctx.obj["mac"], **_conn(ctx)))
+    result = _run(ctx, lambda kw: pvvx_time(ctx.obj["mac"], **kw))
     when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(result["after"]))
     _console().print(f"device time {result['before']} -> {result['after']} ({when} local)")
 
 
 @pvvx.command("reboot")
+@_pvvx_connection_options
 @click.pass_context
 def pvvx_reboot_cmd(ctx: click.Context) -> None:
     """Reboot the device (it restarts when mitherm disconnects)."""
-    _run(pvvx_reboot(ctx.obj["mac"], **_conn(ctx)))
+    _run(ctx, lambda kw: pvvx_reboot(ctx.obj["mac"], **kw))
     _console().print("the device reboots now (on disconnect)")
