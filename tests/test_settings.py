@@ -4,6 +4,7 @@ their simulated device sides, and the async/CLI layer over the virtual radio."""
 from __future__ import annotations
 
 import asyncio
+import json
 import struct
 import time
 from dataclasses import replace
@@ -529,3 +530,105 @@ async def test_download_with_progress_bar(radio):
     assert len(records) == 24
     live = await S.read_live(dev.address, radio=radio)
     assert live.voltage_v is None  # the MHO-C401 sends 3 bytes
+
+
+# --- the CLI on a virtual house (--sim) ------------------------------------------------------------------------
+
+STOCK_MAC = "A4:C1:38:00:00:01"
+PVVX_MAC = "A4:C1:38:00:00:02"
+SIM_HOUSE = f"""time_factor = 4.0
+
+[[device]]
+kind = "stock"
+model = "LYWSD03MMC"
+address = "{STOCK_MAC}"
+
+[[device]]
+kind = "pvvx"
+adv_type = "pvvx"
+encrypted = true
+address = "{PVVX_MAC}"
+"""
+
+
+@pytest.fixture
+def house_file(tmp_path):
+    path = tmp_path / "house.toml"
+    path.write_text(SIM_HOUSE)
+    return str(path)
+
+
+def _cli(*args: str):
+    result = CliRunner().invoke(main, list(args))
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    return result
+
+
+def test_cli_read_and_set_on_sim(house_file):
+    out = _cli("read", STOCK_MAC, "--sim", house_file, "--json")
+    assert out.exit_code == 0, out.output
+    live = json.loads(out.output)
+    assert live["firmware"] == "stock" and 0 < live["humidity_pct"] <= 100 and -30 < live["temperature_c"] < 50
+    out = _cli("read", PVVX_MAC, "--sim", house_file)
+    assert out.exit_code == 0, out.output
+    assert "°C" in out.output and "(pvvx)" in out.output
+
+    out = _cli("set", STOCK_MAC, "unit", "F", "--sim", house_file)
+    assert out.exit_code == 0, out.output
+    assert "unit: C -> F" in out.output
+    out = _cli("set", PVVX_MAC, "unit", "F", "--sim", house_file, "--timeout", "5")
+    assert out.exit_code == 0, out.output
+    assert "unit: C -> F" in out.output
+
+
+def test_cli_pvvx_config_and_set_on_sim(house_file):
+    out = _cli("pvvx", PVVX_MAC, "--sim", house_file, "config", "--json")
+    assert out.exit_code == 0, out.output
+    cfg = json.loads(out.output)
+    assert (cfg["advertising_type"], cfg["encrypted"], cfg["version_text"]) == ("pvvx", True, "v5.8")
+    # the connection options also work after the subcommand
+    out = _cli("pvvx", PVVX_MAC, "config", "--sim", house_file, "--timeout", "5")
+    assert out.exit_code == 0, out.output
+    assert f"{PVVX_MAC} config" in out.output and "v5.8" in out.output
+
+    out = _cli("pvvx", PVVX_MAC, "--sim", house_file, "set", "advertising=bthome")
+    assert out.exit_code == 0, out.output
+    row = next(line for line in out.output.splitlines() if "advertising" in line)
+    assert row.index("pvvx") < row.index("bthome")  # before -> after
+
+    out = _cli("pvvx", PVVX_MAC, "--sim", house_file, "time")
+    assert out.exit_code == 0 and "device time" in out.output, out.output
+    out = _cli("pvvx", STOCK_MAC, "--sim", house_file, "config")
+    assert out.exit_code == 1 and "stock firmware" in out.output
+
+
+def test_cli_pvvx_bindkey_on_sim_stores_and_verifies(house_file, tmp_path):
+    keys = tmp_path / "keys.json"
+    args = ("pvvx", PVVX_MAC, "--sim", house_file, "bindkey", "--new", "--keystore", str(keys))
+    out = _cli(*args, "--verify-timeout", "10")
+    assert out.exit_code == 0, out.output
+    entry = Keystore(keys).get(PVVX_MAC)
+    assert entry is not None and entry.source == "pvvx"
+    assert f"{entry.bindkey[:4]}…{entry.bindkey[-4:]}" in out.output and entry.bindkey not in out.output
+    # the check listened on the same virtual house, where the device encrypts with the new key
+    assert "check on the next advert: ok" in out.output
+
+
+def test_cli_connection_option_errors(house_file):
+    for args in (
+        ("read", STOCK_MAC, "--sim", house_file, "--source", "bumble:usb:0"),
+        ("set", STOCK_MAC, "unit", "C", "--source", "bleak:", "--sim", house_file),
+        ("pvvx", PVVX_MAC, "--sim", house_file, "config", "--source", "bumble:usb:0"),
+        ("pvvx", PVVX_MAC, "--source", "bumble:usb:0", "--sim", house_file, "bindkey"),
+    ):
+        out = _cli(*args)
+        assert out.exit_code == 1 and "give --source or --sim, not both" in out.output, (args, out.output)
+    out = _cli("read", STOCK_MAC, "--sim", house_file, "--transport", "usb:0")  # the old, hidden spelling
+    assert out.exit_code == 1 and "give --transport or --sim, not both" in out.output
+    out = _cli("read", STOCK_MAC, "--source", "serial:x")
+    assert out.exit_code == 1 and "cannot connect through" in out.output
+    out = _cli("read", STOCK_MAC, "--sim", str(house_file) + ".missing")
+    assert out.exit_code == 1 and "does not exist" in out.output
+    out = _cli("pvvx", PVVX_MAC, "--timeout")
+    assert out.exit_code == 2 and "requires an argument" in out.output
+    assert "--transport" not in _cli("read", "--help").output

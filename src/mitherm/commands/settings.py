@@ -856,7 +856,11 @@ class _PvvxGroup(click.Group):
         if args and not args[0].startswith("-"):
             mac, rest = args[0], list(args[1:])
             # a dry run of the parser on the rest (+ a stand-in for MAC) tells where the options end
-            _, left, _ = self.make_parser(ctx).parse_args(args=[*rest, "MAC"])
+            stand_in = "\0mac"
+            opts, left, _ = self.make_parser(ctx).parse_args(args=[*rest, stand_in])
+            if stand_in not in left and opts.get("mac") != stand_in:
+                # an option without its value took the stand-in: let click say so
+                self.make_parser(ctx).parse_args(args=list(rest))
             n_options = len(rest) - len(left)
             args = [*rest[:n_options], mac, *rest[n_options:]]
         return super().parse_args(ctx, args)
