@@ -29,9 +29,10 @@ from mitherm.cloud import (
     XiaomiCloud,
     default_session_path,
 )
+from mitherm.commands.device import _keystore, _keystore_option
 from mitherm.keystore import KeyConflict, Keystore, KeystoreError, mask_key
 from mitherm.mac import InvalidMac, normalize_mac
-from mitherm.paths import config_dir, data_dir, default_frames_snapshot, default_keystore
+from mitherm.paths import config_dir, data_dir, default_frames_snapshot
 
 __all__ = ["cloud"]
 
@@ -340,13 +341,7 @@ def _print_table(report: CloudReport, show_keys: bool) -> None:
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help="Check the keys against this btsnoop or mitherm JSON Lines capture (default: a recent gateway capture).",
 )
-@click.option(
-    "--keystore",
-    "keystore_path",
-    type=click.Path(dir_okay=False, path_type=Path),
-    envvar="MITHERM_KEYSTORE",
-    help="Keystore file (default: keys.json in the mitherm config directory; env MITHERM_KEYSTORE).",
-)
+@_keystore_option
 @_server_options
 def keys_cmd(
     region: str | None,
@@ -400,10 +395,7 @@ def keys_cmd(
     saved: dict[str, dict[str, Any]] = {}
     store: Keystore | None = None
     if save:
-        try:
-            store = Keystore(keystore_path or default_keystore())
-        except KeystoreError as e:
-            raise click.ClickException(str(e)) from None
+        store = _keystore(keystore_path)
         saved = _save(store, report.devices, replace)
         if any(v["status"] in ("added", "updated", "replaced") for v in saved.values()):
             try:

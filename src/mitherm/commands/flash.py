@@ -23,7 +23,8 @@ from typing import Any
 
 import click
 
-from mitherm.commands.device import DeviceCommandError, connection_options, sim_radio
+from mitherm.commands.device import DeviceCommandError, _keystore, _keystore_option, connection_options
+from mitherm.commands.device import _run as _device_run
 from mitherm.device import DeviceIdentity, identify, run_protocol
 from mitherm.firmware import (
     FirmwareImage,
@@ -34,7 +35,7 @@ from mitherm.firmware import (
     parse_image,
     plan_flash,
 )
-from mitherm.keystore import Keystore, KeystoreError
+from mitherm.keystore import Keystore
 from mitherm.mac import InvalidMac, normalize_mac
 from mitherm.protocols import ota
 
@@ -417,22 +418,15 @@ async def firmware_list_async(
 
 
 def _run(coro_factory: Callable[[Any, str | None], Any], source: str | None, sim_house: str | None) -> Any:
-    from mitherm.commands.device import _target
+    """:func:`mitherm.commands.device._run`, with a refused check reported as such."""
 
-    async def go() -> Any:
-        if sim_house:
-            if source:
-                raise click.ClickException("give --source or --sim, not both")
-            async with sim_radio(sim_house) as radio:
-                return await coro_factory(radio, None)
-        return await coro_factory(None, _target(source))
+    async def refusing(radio: Any, transport: str | None) -> Any:
+        try:
+            return await coro_factory(radio, transport)
+        except FlashRefused as e:
+            raise click.ClickException(f"refused ({e.check}), nothing was sent: {e}") from None
 
-    try:
-        return asyncio.run(go())
-    except FlashRefused as e:
-        raise click.ClickException(f"refused ({e.check}), nothing was sent: {e}") from None
-    except DeviceCommandError as e:
-        raise click.ClickException(str(e)) from None
+    return _device_run(refusing, source, sim_house)
 
 
 def _console(stderr: bool = False) -> Any:
@@ -448,13 +442,7 @@ def _console(stderr: bool = False) -> Any:
 @click.option("--force-low-battery", is_flag=True, help="Flash even with the battery below 40 %.")
 @click.option("--yes", is_flag=True, help="Answer yes to the questions (MHO-C401 variant, extended OTA).")
 @click.option("--token", help="Mi token (hex) for the login stock firmware needs (default: from the keystore).")
-@click.option(
-    "--keystore",
-    "keystore_path",
-    type=click.Path(dir_okay=False, path_type=Path),
-    envvar="MITHERM_KEYSTORE",
-    help="Keystore file (default: keys.json in the mitherm config directory; env MITHERM_KEYSTORE).",
-)
+@_keystore_option
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
 @connection_options
 def flash(
@@ -485,10 +473,7 @@ def flash(
 
     console = _console(stderr=as_json)
     data = image.read_bytes()
-    try:
-        keystore = Keystore(keystore_path)
-    except KeystoreError as e:
-        raise click.ClickException(str(e)) from None
+    keystore = _keystore(keystore_path)
     if to_stock:
         console.print("[bold]Going back to stock[/bold]")
         for note in stock_notes():

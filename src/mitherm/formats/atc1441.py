@@ -10,10 +10,9 @@ from __future__ import annotations
 import struct
 
 from ..bindkey import Bindkey
-from ..mac import mac_from_bytes
-from ..model import DecodeError, ErrorCode, Reading
+from ..model import Reading
 from ..uuids import CUSTOM_181A
-from ._customenc import open_sealed, seal
+from ._customenc import check_frame_mac, open_encrypted, seal
 
 PLAIN = struct.Struct(">6shBBHB")
 PLAIN_LEN = PLAIN.size  # 13
@@ -24,27 +23,16 @@ def decode_plain(payload: bytes, mac: str, mac_le: bytes) -> Reading:
     r = Reading(mac=mac, service_uuid=CUSTOM_181A, format="atc1441", model="ATC")
     mac_be, t, h, b, mv, cnt = PLAIN.unpack(payload)
     r.frame_counter = cnt
-    if mac_be != mac_le[::-1]:
-        r.mac_in_frame = mac_from_bytes(mac_be)
-        r.error = DecodeError(
-            ErrorCode.MAC_MISMATCH, f"the frame carries MAC {r.mac_in_frame} but was sent by {mac}: not decoded"
-        )
+    if not check_frame_mac(r, mac_be[::-1], mac_le):
         return r
-    r.mac_in_frame = mac
     r.values = {"temperature_c": t / 10, "humidity_pct": h, "battery_pct": b, "voltage_v": mv / 1000}
     return r
 
 
 def decode_encrypted(payload: bytes, mac: str, mac_le: bytes, key: Bindkey | None, key_error: str | None) -> Reading:
     r = Reading(mac=mac, service_uuid=CUSTOM_181A, format="atc1441_enc", model="ATC", encrypted=True)
-    r.frame_counter = payload[0]
-    err = _key_problem(key, key_error, mac)
-    if err:
-        r.error = err
-        return r
-    plain = open_sealed(payload, mac_le, key)  # type: ignore[arg-type]
+    plain = open_encrypted(r, payload, mac_le, key, key_error, "atc1441")
     if plain is None:
-        r.error = DecodeError(ErrorCode.WRONG_KEY, "MIC check failed: wrong bindkey for this atc1441 encrypted beacon")
         return r
     r.values = {
         "temperature_c": plain[0] / 2 - 40,
@@ -53,18 +41,6 @@ def decode_encrypted(payload: bytes, mac: str, mac_le: bytes, key: Bindkey | Non
         "trigger": plain[2] >> 7,
     }
     return r
-
-
-def _key_problem(key: Bindkey | None, key_error: str | None, mac: str) -> DecodeError | None:
-    if key is None:
-        if key_error:
-            return DecodeError(ErrorCode.BAD_KEY, key_error)
-        return DecodeError(
-            ErrorCode.NO_KEY, f"encrypted custom-firmware beacon: the firmware's bindkey for {mac} is needed"
-        )
-    if len(key.raw) != 16:
-        return DecodeError(ErrorCode.BAD_KEY, "custom firmware beacons need a 32-hex-digit bindkey")
-    return None
 
 
 def encode_plain(

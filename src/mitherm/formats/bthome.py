@@ -7,7 +7,7 @@ the data format. Object types, lengths and factors are the table ``OBJECTS``."""
 from __future__ import annotations
 
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from cryptography.exceptions import InvalidTag
@@ -289,24 +289,9 @@ def decode_v2(payload: bytes, mac: str, mac_le: bytes, key: Bindkey | None, key_
     if n - i < 8:
         r.error = DecodeError(ErrorCode.MALFORMED, "encrypted BTHome frame too short for its counter and MIC")
         return r
-    counter = payload[n - 8 : n - 4]
-    r.frame_counter = int.from_bytes(counter, "little")
-    err = _key_problem(key, key_error, mac)
-    if err:
-        r.error = err
-        return r
-    nonce = nonce_mac + UUID_V2_LE + payload[0:1] + counter
-    try:
-        plain = key.ccm4().decrypt(nonce, payload[i : n - 8] + payload[n - 4 :], None)  # type: ignore[union-attr]
-    except InvalidTag:
-        r.error = DecodeError(ErrorCode.WRONG_KEY, "MIC check failed: wrong bindkey for this BTHome device")
-        return r
-    err = _walk_v2(plain, 0, len(plain), r, strict=True)
-    if err:
-        r.values.clear()
-        r.objects.clear()
-        r.error = err
-    return r
+    return _decrypt_and_walk(
+        r, payload, i, key, key_error, nonce_mac + UUID_V2_LE + payload[0:1], None, _walk_v2, "BTHome"
+    )
 
 
 def decode_v1(
@@ -328,19 +313,40 @@ def decode_v1(
     if n < 9:
         r.error = DecodeError(ErrorCode.MALFORMED, "encrypted BTHome v1 frame too short for its counter and MIC")
         return r
+    return _decrypt_and_walk(
+        r, payload, 0, key, key_error, mac_le[::-1] + UUID_V1_ENC_LE, V1_AAD, _walk_v1, "BTHome v1"
+    )
+
+
+def _decrypt_and_walk(
+    r: Reading,
+    payload: bytes,
+    start: int,
+    key: Bindkey | None,
+    key_error: str | None,
+    nonce_prefix: bytes,
+    aad: bytes | None,
+    walk: Callable[[bytes, int, int, Reading, bool], DecodeError | None],
+    what: str,
+) -> Reading:
+    """The encrypted tail shared by v1 and v2: ``payload[start:]`` is ciphertext | counter (4) | MIC (4).
+
+    Sets the frame counter, checks the key, decrypts with nonce ``nonce_prefix + counter`` and walks
+    the plaintext strictly; on any failure ``r.error`` is set and no values are kept."""
+    n = len(payload)
     counter = payload[n - 8 : n - 4]
     r.frame_counter = int.from_bytes(counter, "little")
-    err = _key_problem(key, key_error, mac)
+    err = _key_problem(key, key_error, r.mac)
     if err:
         r.error = err
         return r
-    nonce = mac_le[::-1] + UUID_V1_ENC_LE + counter
+    ciphertext = payload[start : n - 8] + payload[n - 4 :]
     try:
-        plain = key.ccm4().decrypt(nonce, payload[: n - 8] + payload[n - 4 :], V1_AAD)  # type: ignore[union-attr]
+        plain = key.ccm4().decrypt(nonce_prefix + counter, ciphertext, aad)  # type: ignore[union-attr]
     except InvalidTag:
-        r.error = DecodeError(ErrorCode.WRONG_KEY, "MIC check failed: wrong bindkey for this BTHome v1 device")
+        r.error = DecodeError(ErrorCode.WRONG_KEY, f"MIC check failed: wrong bindkey for this {what} device")
         return r
-    err = _walk_v1(plain, 0, len(plain), r, strict=True)
+    err = walk(plain, 0, len(plain), r, True)
     if err:
         r.values.clear()
         r.objects.clear()

@@ -11,11 +11,9 @@ from __future__ import annotations
 import struct
 
 from ..bindkey import Bindkey
-from ..mac import mac_from_le
-from ..model import DecodeError, ErrorCode, Reading
+from ..model import Reading
 from ..uuids import CUSTOM_181A
-from ._customenc import open_sealed, seal
-from .atc1441 import _key_problem
+from ._customenc import check_frame_mac, open_encrypted, seal
 
 PLAIN = struct.Struct("<6shHHBBB")
 PLAIN_NOFLAGS = struct.Struct("<6shHHBB")
@@ -40,13 +38,8 @@ def decode_plain(payload: bytes, mac: str, mac_le: bytes) -> Reading:
         m, t, h, mv, b, cnt = PLAIN_NOFLAGS.unpack(payload)
         flags = None
     r.frame_counter = cnt
-    if m != mac_le:
-        r.mac_in_frame = mac_from_le(m)
-        r.error = DecodeError(
-            ErrorCode.MAC_MISMATCH, f"the frame carries MAC {r.mac_in_frame} but was sent by {mac}: not decoded"
-        )
+    if not check_frame_mac(r, m, mac_le):
         return r
-    r.mac_in_frame = mac
     r.values = {"temperature_c": t / 100, "humidity_pct": h / 100, "battery_pct": b, "voltage_v": mv / 1000}
     if flags is not None:
         r.values["flags"] = flags
@@ -55,14 +48,8 @@ def decode_plain(payload: bytes, mac: str, mac_le: bytes) -> Reading:
 
 def decode_encrypted(payload: bytes, mac: str, mac_le: bytes, key: Bindkey | None, key_error: str | None) -> Reading:
     r = Reading(mac=mac, service_uuid=CUSTOM_181A, format="pvvx_enc", model="ATC", encrypted=True)
-    r.frame_counter = payload[0]
-    err = _key_problem(key, key_error, mac)
-    if err:
-        r.error = err
-        return r
-    plain = open_sealed(payload, mac_le, key)  # type: ignore[arg-type]
+    plain = open_encrypted(r, payload, mac_le, key, key_error, "pvvx")
     if plain is None:
-        r.error = DecodeError(ErrorCode.WRONG_KEY, "MIC check failed: wrong bindkey for this pvvx encrypted beacon")
         return r
     t, h, b, flags = SEALED.unpack(plain)
     r.values = {"temperature_c": t / 100, "humidity_pct": h / 100, "battery_pct": b, "flags": flags}

@@ -139,6 +139,27 @@ def advertisement_data_from_ad(
     )
 
 
+async def open_bumble_transport(radio: VirtualRadio | None, spec: str | Transport | None) -> tuple[Transport, bool]:
+    """Open the HCI transport for ``bumble_radio=`` (*radio*) or ``bumble_transport=`` (*spec*).
+
+    Returns the transport and whether the caller owns it (and so must close it): a new controller
+    on a started ``VirtualRadio`` or a transport opened from a name is owned, an already open
+    ``Transport`` object is not. Failures are raised as ``BleakError``.
+    """
+    if radio is not None:
+        if not radio.running:
+            raise BleakError("the VirtualRadio is not started")
+        return radio.open_hci_transport(), True
+    if isinstance(spec, Transport):
+        return spec, False
+    assert isinstance(spec, str)
+    try:
+        transport = await open_transport(spec)
+    except Exception as exc:
+        raise BleakError(f"cannot open Bumble transport {spec!r}: {exc}") from exc
+    return transport, True
+
+
 class BumbleScanner(BaseBleakScanner):
     """bleak scanner backend over a Bumble host stack. See the module documentation."""
 
@@ -178,21 +199,7 @@ class BumbleScanner(BaseBleakScanner):
         return self._device is not None
 
     async def _open_transport(self) -> Transport:
-        if self._radio is not None:
-            if not self._radio.running:
-                raise BleakError("the VirtualRadio is not started")
-            self._owns_transport = True
-            return self._radio.open_hci_transport()
-        spec = self._transport_spec
-        if isinstance(spec, Transport):
-            self._owns_transport = False
-            return spec
-        assert isinstance(spec, str)
-        try:
-            transport = await open_transport(spec)
-        except Exception as exc:
-            raise BleakError(f"cannot open Bumble transport {spec!r}: {exc}") from exc
-        self._owns_transport = True
+        transport, self._owns_transport = await open_bumble_transport(self._radio, self._transport_spec)
         return transport
 
     async def start(self) -> None:

@@ -62,9 +62,9 @@ from bumble.core import PhysicalTransport
 from bumble.device import Advertisement, Connection, Device, Peer
 from bumble.gatt_client import CharacteristicProxy, DescriptorProxy
 from bumble.host import Host
-from bumble.transport import open_transport
 from bumble.transport.common import Transport
 
+from mitherm.radio.bleak_backend import open_bumble_transport
 from mitherm.radio.virtual import VirtualRadio
 
 logger = logging.getLogger(__name__)
@@ -148,21 +148,7 @@ class BumbleClient(BaseBleakClient):
 
     # -- connection ----------------------------------------------------------------------------------
     async def _open_transport(self) -> Transport:
-        if self._radio is not None:
-            if not self._radio.running:
-                raise BleakError("the VirtualRadio is not started")
-            self._owns_transport = True
-            return self._radio.open_hci_transport()
-        spec = self._transport_spec
-        if isinstance(spec, Transport):
-            self._owns_transport = False
-            return spec
-        assert isinstance(spec, str)
-        try:
-            transport = await open_transport(spec)
-        except Exception as exc:
-            raise BleakError(f"cannot open Bumble transport {spec!r}: {exc}") from exc
-        self._owns_transport = True
+        transport, self._owns_transport = await open_bumble_transport(self._radio, self._transport_spec)
         return transport
 
     async def connect(self, pair: bool, **kwargs: Any) -> None:

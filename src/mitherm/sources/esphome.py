@@ -18,7 +18,8 @@ from typing import Any
 from ..captures import parse_ad_structures
 from ..model import Advertisement
 from . import Emit, SourceError
-from .reconnect import connected, run_with_reconnect
+from ._common import source_options, split_source_url
+from .reconnect import ReconnectingSource, connected
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +64,10 @@ def check_noise_psk(psk: str) -> None:
         )
 
 
-class EsphomeSource:
+class EsphomeSource(ReconnectingSource):
     """Raw advertisements from one ESPHome Bluetooth proxy, reconnecting forever."""
+
+    _log = log
 
     def __init__(
         self,
@@ -94,15 +97,8 @@ class EsphomeSource:
     def _label(self) -> str:
         return f"esphome {self._proxy_name or self.host}"
 
-    async def run(self, emit: Emit) -> None:
-        await run_with_reconnect(
-            self._label,
-            lambda: self._connect_once(emit),
-            initial=self.reconnect_initial,
-            maximum=self.reconnect_maximum,
-            log=log,
-            secrets=(self.noise_psk or "",),
-        )
+    def _secrets(self) -> tuple[str, ...]:
+        return (self.noise_psk or "",)
 
     async def _connect_once(self, emit: Emit) -> None:
         from aioesphomeapi import APIClient
@@ -211,20 +207,11 @@ async def _close(client: Any, unsubscribe: Any) -> None:
 
 def esphome_from_url(url: str, name: str | None = None) -> EsphomeSource:
     """``esphome://HOST[:PORT]?key=NOISE_PSK[&name=RECEIVER]``."""
-    from urllib.parse import parse_qs, urlsplit
-
     example = "esphome://kitchen-proxy.local:6053?key=BASE64KEY (the key URL-encoded: + as %2B, / as %2F, = as %3D)"
-    try:
-        parts = urlsplit(url)
-        port = parts.port or 6053
-    except ValueError as e:
-        raise SourceError(f"bad ESPHome source {url!r} ({e}); use {example}") from None
+    parts, port = split_source_url(url, f"bad ESPHome source {url!r}", example)
     if parts.scheme.lower() != "esphome" or not parts.hostname or parts.path not in ("", "/"):
         raise SourceError(f"bad ESPHome source {url!r}; use {example}")
-    query = parse_qs(parts.query)
-    unknown = set(query) - {"key", "name"}
-    if unknown:
-        raise SourceError(f"unknown option(s) {', '.join(sorted(unknown))} in the ESPHome source; use {example}")
+    query = source_options(parts, {"key", "name"}, "ESPHome", example)
     # parse_qs turns an unencoded '+' into a space; base64 never contains spaces, so undo that.
     key = (query.get("key") or [""])[-1].replace(" ", "+") or None
-    return EsphomeSource(parts.hostname, port, noise_psk=key, name=(query.get("name") or [name])[-1])
+    return EsphomeSource(parts.hostname, port or 6053, noise_psk=key, name=(query.get("name") or [name])[-1])

@@ -28,7 +28,8 @@ from urllib.parse import urlsplit, urlunsplit
 from ..captures import parse_ad_structures
 from ..model import Advertisement
 from . import Emit, SourceError
-from .reconnect import connected, run_with_reconnect
+from ._common import hex_or_none, source_options, split_source_url
+from .reconnect import ReconnectingSource, connected
 
 log = logging.getLogger(__name__)
 
@@ -60,22 +61,13 @@ def uuid16_from_text(uuid: str) -> int | None:
     return None
 
 
-def _hex(value: Any) -> bytes | None:
-    if not isinstance(value, str):
-        return None
-    try:
-        return bytes.fromhex(value)
-    except ValueError:
-        return None
-
-
 def advertisement_from_hass(record: Mapping[str, Any]) -> Advertisement | None:
     """One ``add`` record -> Advertisement; None for records that are not a usable advert."""
     address = record.get("address")
     if not isinstance(address, str) or not _MAC_RE.match(address):
         return None
     name = record.get("name") or None
-    raw = _hex(record.get("raw"))
+    raw = hex_or_none(record.get("raw"))
     service_data: dict[int, bytes] = {}
     manufacturer_data: dict[int, bytes] = {}
     if raw:
@@ -84,11 +76,11 @@ def advertisement_from_hass(record: Mapping[str, Any]) -> Advertisement | None:
     else:
         for uuid, data in (record.get("service_data") or {}).items():
             u16 = uuid16_from_text(str(uuid))
-            payload = _hex(data)
+            payload = hex_or_none(data)
             if u16 is not None and payload is not None:
                 service_data[u16] = payload
         for company, data in (record.get("manufacturer_data") or {}).items():
-            payload = _hex(data)
+            payload = hex_or_none(data)
             try:
                 cid = int(company)
             except (TypeError, ValueError):
@@ -125,8 +117,10 @@ def websocket_url(url: str) -> str:
     return urlunsplit((scheme, parts.netloc, path, "", ""))
 
 
-class HassSource:
+class HassSource(ReconnectingSource):
     """Advertisements from Home Assistant's Bluetooth stack over its websocket API, reconnecting forever."""
+
+    _log = log
 
     def __init__(
         self,
@@ -149,15 +143,8 @@ class HassSource:
         self.reconnect_maximum = reconnect_maximum
         self.heartbeat = heartbeat
 
-    async def run(self, emit: Emit) -> None:
-        await run_with_reconnect(
-            self._label,
-            lambda: self._connect_once(emit),
-            initial=self.reconnect_initial,
-            maximum=self.reconnect_maximum,
-            log=log,
-            secrets=(self.token,),
-        )
+    def _secrets(self) -> tuple[str, ...]:
+        return (self.token,)
 
     async def _connect_once(self, emit: Emit) -> None:
         import aiohttp
@@ -235,21 +222,14 @@ def _subscribe_error(error: Mapping[str, Any]) -> SourceError:
 def hass_from_url(url: str, name: str | None = None) -> HassSource:
     """``hass://HOST[:PORT][/PATH]?token=TOKEN`` (ws) / ``hasss://…`` (wss); token also from MITHERM_HASS_TOKEN."""
     import os
-    from urllib.parse import parse_qs, urlsplit
 
     example = "hass://homeassistant.local:8123?token=LONG_LIVED_TOKEN (or hasss:// for wss)"
-    try:
-        parts = urlsplit(url)
-        port = parts.port or 8123
-    except ValueError as e:
-        raise SourceError(f"bad Home Assistant source ({e}); use {example}") from None
+    parts, port = split_source_url(url, "bad Home Assistant source", example)
+    port = port or 8123
     scheme = parts.scheme.lower()
     if scheme not in ("hass", "hasss") or not parts.hostname:
         raise SourceError(f"bad Home Assistant source; use {example}")
-    query = parse_qs(parts.query)
-    unknown = set(query) - {"token", "name"}
-    if unknown:
-        raise SourceError(f"unknown option(s) {', '.join(sorted(unknown))} in the Home Assistant source; use {example}")
+    query = source_options(parts, {"token", "name"}, "Home Assistant", example)
     token = (query.get("token") or [""])[-1] or os.environ.get("MITHERM_HASS_TOKEN", "")
     if not token:
         raise SourceError(

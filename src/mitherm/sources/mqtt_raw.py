@@ -31,8 +31,9 @@ from typing import Any
 
 from ..model import Advertisement
 from . import Emit, SourceError
+from ._common import hex_or_none, split_source_url
 from .hass import uuid16_from_text
-from .reconnect import connected, run_with_reconnect
+from .reconnect import ReconnectingSource, connected
 
 log = logging.getLogger(__name__)
 
@@ -49,15 +50,6 @@ def _mac(value: Any) -> str | None:
         return None
     h = value.replace(":", "").replace("-", "").upper()
     return ":".join(h[i : i + 2] for i in range(0, 12, 2))
-
-
-def _hex(value: Any) -> bytes | None:
-    if not isinstance(value, str):
-        return None
-    try:
-        return bytes.fromhex(value)
-    except ValueError:
-        return None
 
 
 def receiver_from_topic(topic: str) -> str:
@@ -77,14 +69,14 @@ def advertisement_from_json(
     if mac is None:
         return None
     service_data: dict[int, bytes] = {}
-    sd = _hex(payload.get("servicedata"))
+    sd = hex_or_none(payload.get("servicedata"))
     if sd is not None:
         uuid = payload.get("servicedatauuid")
         u16 = uuid16_from_text(uuid) if isinstance(uuid, str) else None
         if u16 is not None:
             service_data[u16] = sd
     manufacturer_data: dict[int, bytes] = {}
-    md = _hex(payload.get("manufacturerdata"))
+    md = hex_or_none(payload.get("manufacturerdata"))
     if md is not None and len(md) >= 2:
         manufacturer_data[md[0] | (md[1] << 8)] = md[2:]
     rssi = payload.get("rssi")
@@ -102,8 +94,10 @@ def advertisement_from_json(
     )
 
 
-class MqttRawSource:
+class MqttRawSource(ReconnectingSource):
     """Subscribes to OMG / Theengs advert JSON on an MQTT broker, reconnecting forever."""
+
+    _log = log
 
     def __init__(
         self,
@@ -136,15 +130,8 @@ class MqttRawSource:
         self.reconnect_initial = reconnect_initial
         self.reconnect_maximum = reconnect_maximum
 
-    async def run(self, emit: Emit) -> None:
-        await run_with_reconnect(
-            self._label,
-            lambda: self._connect_once(emit),
-            initial=self.reconnect_initial,
-            maximum=self.reconnect_maximum,
-            log=log,
-            secrets=(self.password or "",),
-        )
+    def _secrets(self) -> tuple[str, ...]:
+        return (self.password or "",)
 
     async def _connect_once(self, emit: Emit) -> None:
         import aiomqtt
@@ -198,15 +185,12 @@ class MqttRawSource:
 
 def mqtt_raw_from_url(url: str, name: str | None = None) -> MqttRawSource:
     """``mqtt-raw://[USER:PASS@]HOST[:PORT]/TOPIC`` / ``mqtts-raw://…`` (TLS); the topic URL-decoded."""
-    from urllib.parse import unquote, urlsplit
+    from urllib.parse import unquote
 
     example = "mqtt-raw://user:pass@broker.local:1883/home/+/BTtoMQTT/# (mqtts-raw:// for TLS)"
-    try:
-        parts = urlsplit(url)
-        scheme = parts.scheme.lower()
-        port = parts.port or (8883 if scheme == "mqtts-raw" else 1883)
-    except ValueError as e:
-        raise SourceError(f"bad MQTT source ({e}); use {example}") from None
+    parts, port = split_source_url(url, "bad MQTT source", example)
+    scheme = parts.scheme.lower()
+    port = port or (8883 if scheme == "mqtts-raw" else 1883)
     if scheme not in ("mqtt-raw", "mqtts-raw") or not parts.hostname or parts.query:
         raise SourceError(f"bad MQTT source; use {example}")
     topic = parts.path[1:] if parts.path.startswith("/") else parts.path

@@ -18,8 +18,9 @@ import logging
 import random
 import time
 from collections.abc import Awaitable, Callable, Iterable
+from typing import ClassVar
 
-from . import SourceError
+from . import Emit, SourceError
 
 _log = logging.getLogger(__name__)
 
@@ -158,3 +159,33 @@ async def run_with_reconnect(
         else:
             logger.debug("%s: still down (%s); retrying in %s", label(), what, _fmt_seconds(delay))
         await asyncio.sleep(delay)
+
+
+class ReconnectingSource:
+    """Base of the network sources: ``run(emit)`` keeps ``_connect_once(emit)`` going with
+    :func:`run_with_reconnect`.
+
+    A subclass sets ``_log`` (its module's logger), ``reconnect_initial`` / ``reconnect_maximum``, and
+    ``_label``: a string, or a method when the label is only known after connecting; it overrides
+    ``_secrets()`` to have its credentials masked in the log."""
+
+    _log: ClassVar[logging.Logger] = logging.getLogger(__name__)
+    _label: str | Callable[[], str]
+    reconnect_initial: float
+    reconnect_maximum: float
+
+    def _secrets(self) -> tuple[str, ...]:
+        return ()
+
+    async def _connect_once(self, emit: Emit) -> None:
+        raise NotImplementedError
+
+    async def run(self, emit: Emit) -> None:
+        await run_with_reconnect(
+            self._label,
+            lambda: self._connect_once(emit),
+            initial=self.reconnect_initial,
+            maximum=self.reconnect_maximum,
+            log=self._log,
+            secrets=self._secrets(),
+        )
