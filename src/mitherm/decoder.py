@@ -136,7 +136,9 @@ class Decoder:
 
         ``key`` overrides the stored key for this one call. Never raises for bad input: problems are
         returned as ``Reading.error``."""
-        addr = self._address(mac)
+        addr = self._macs.get(mac)  # the hot path: a known address
+        if addr is None:
+            addr = self._address(mac)
         if addr is None:
             return Reading(
                 mac=str(mac),

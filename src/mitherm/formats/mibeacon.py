@@ -162,6 +162,7 @@ def _walk_objects(data: bytes, start: int, end: int, reading: Reading, strict: b
     decrypted frames are all or nothing (strict)."""
     values = reading.values
     objects = reading.objects
+    compiled_get = _COMPILED.get
     i = start
     while i < end:
         if end - i < 3:
@@ -182,15 +183,25 @@ def _walk_objects(data: bytes, start: int, end: int, reading: Reading, strict: b
             return None
         chunk = data[i + 3 : j]
         objects.append((oid, chunk))
-        c = _COMPILED.get(oid)
-        if c is not None and c.length != olen and strict:
-            return DecodeError(ErrorCode.MALFORMED, f"object 0x{oid:04X} has length {olen}, expected {c.length}")
-        object_values(oid, chunk, values)
+        c = compiled_get(oid)
+        if c is not None:
+            if c.length == olen:
+                # object_values, inlined: this loop runs for every frame
+                for (name, conv), raw in zip(c.convert, c.unpack(chunk, 0)):  # noqa: B905 - same length
+                    if name in values:
+                        put(values, name, conv(raw))
+                    else:
+                        values[name] = conv(raw)
+            elif strict:
+                return DecodeError(ErrorCode.MALFORMED, f"object 0x{oid:04X} has length {olen}, expected {c.length}")
         i = j
     return None
 
 
-_FORMAT_NAMES = {(v, e): f"mibeacon_v{v}_enc" if e else f"mibeacon_v{v}" for v in range(2, 6) for e in (False, True)}
+# indexed by version * 2 + encrypted (versions outside 2-5 are "mibeacon")
+_FORMAT_NAMES = tuple(
+    (f"mibeacon_v{v}_enc" if e else f"mibeacon_v{v}") if 2 <= v <= 5 else "mibeacon" for v in range(16) for e in (0, 1)
+)
 _MODELS = {pid: info.model for pid, info in catalogue().items()}
 
 
@@ -210,7 +221,7 @@ def decode(payload: bytes, mac: str, mac_le: bytes, key: Bindkey | None, key_err
     r = Reading(
         mac=mac,
         service_uuid=MIBEACON,
-        format=_FORMAT_NAMES.get((version, encrypted), "mibeacon"),
+        format=_FORMAT_NAMES[version * 2 + encrypted],
         model=_MODELS.get(pid),
         product_id=pid,
         encrypted=encrypted,
@@ -277,7 +288,9 @@ def decode(payload: bytes, mac: str, mac_le: bytes, key: Bindkey | None, key_err
     ext = payload[n - 7 : n - 4]
     r.ext_counter = ext[0] | ext[1] << 8 | ext[2] << 16
     try:
-        plain = key.ccm4().decrypt(nonce_mac + payload[2:5] + ext, payload[i : n - 7] + payload[n - 4 :], AAD)
+        plain = (key._ccm4 or key.ccm4()).decrypt(
+            nonce_mac + payload[2:5] + ext, payload[i : n - 7] + payload[n - 4 :], AAD
+        )
     except InvalidTag:
         r.error = DecodeError(ErrorCode.WRONG_KEY, "MIC check failed: wrong bindkey (or a corrupted frame)")
         return r
