@@ -322,9 +322,9 @@ def state_payload(state: DeviceState) -> bytes:
     return _dumps(obj)
 
 
-def _significant(state: DeviceState) -> bytes:
+def _significant(state: DeviceState) -> tuple[object, ...]:
     """What makes a state a change: the values and key status, not last_seen / rssi / receiver."""
-    return _dumps([state.values, state.key_status, state.key_verdict])
+    return (tuple(state.values.items()), state.key_status, state.key_verdict)
 
 
 # -- outbox ---------------------------------------------------------------------------------------------
@@ -340,9 +340,18 @@ class _Msg:
     prio: int
     due: float = 0.0  # time.monotonic()
     mac: str | None = None
-    signature: bytes | None = None  # state messages: see _significant
+    signature: object = None  # state messages: see _significant
     on_disk: bool = False
     seq: int = 0
+    #: a state message's payload is built from the device state only when it is sent or stored (most states
+    #: are replaced by a newer one before their rate-limit window ends, so most are never serialised)
+    state: DeviceState | None = None
+
+    def materialize(self) -> bytes:
+        if self.state is not None:
+            self.payload = state_payload(self.state)
+            self.state = None
+        return self.payload
 
 
 class _Outbox:
@@ -370,7 +379,7 @@ class _Outbox:
         for m in msgs:
             self._seq += 1
             m.on_disk = True
-            rows.append((m.topic, m.payload, int(m.retain), m.prio, self._seq))
+            rows.append((m.topic, m.materialize(), int(m.retain), m.prio, self._seq))
         self._db.execute("BEGIN")
         self._db.executemany(
             "INSERT INTO outbox (topic, payload, retain, prio, seq) VALUES (?, ?, ?, ?, ?) ON CONFLICT (topic) "
@@ -433,7 +442,7 @@ class MqttPublisher:
         self._expire: dict[str, int] = {}  # mac -> expire_after in use
         self._available: dict[str, bool] = {}
         self._last_pub: dict[str, float] = {}  # mac -> monotonic time of the last state publish
-        self._last_sig: dict[str, bytes] = {}
+        self._last_sig: dict[str, object] = {}
         self._client: aiomqtt.Client | None = None
         self._connected = asyncio.Event()
         self._wake = asyncio.Event()
@@ -505,7 +514,7 @@ class MqttPublisher:
         held = self._due.get(topic)
         if held is not None:
             due = min(due, held.due)  # a newer state never delays one already scheduled
-        self._enqueue(_Msg(topic, state_payload(state), s.retain_state, _PRIO_STATE, due, mac, sig))
+        self._enqueue(_Msg(topic, b"", s.retain_state, _PRIO_STATE, due, mac, sig, state=state))
 
     def set_available(self, mac: str, available: bool) -> None:
         """Publish a device's availability (``online``/``offline``, retained). HA shows the device's
@@ -704,7 +713,7 @@ class MqttPublisher:
         now = self._clock()
         ready = sorted((m for m in self._due.values() if flush_all or m.due <= now), key=lambda m: (m.prio, m.seq))
         for m in ready:
-            await client.publish(m.topic, m.payload, qos=self.settings.qos, retain=m.retain, timeout=10.0)
+            await client.publish(m.topic, m.materialize(), qos=self.settings.qos, retain=m.retain, timeout=10.0)
             self.published += 1
             if self._due.get(m.topic) is m:
                 del self._due[m.topic]
