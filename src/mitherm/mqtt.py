@@ -449,6 +449,7 @@ class MqttPublisher:
         self._stopping = asyncio.Event()
         self._finished = asyncio.Event()
         self._running = False
+        self._run_task: asyncio.Task[Any] | None = None
         self._closed = False
         self.published = 0  # messages acknowledged by the broker (for tests and health)
         if self._due:
@@ -609,6 +610,7 @@ class MqttPublisher:
         if self._running:
             raise RuntimeError("MqttPublisher.run() is already running")
         self._running = True
+        self._run_task = asyncio.current_task()
         s = self.settings
         delay = s.reconnect_initial
         outage_since: float | None = None
@@ -752,7 +754,16 @@ class MqttPublisher:
                 try:
                     await asyncio.wait_for(self._finished.wait(), timeout)
                 except TimeoutError:
-                    log.warning("mqtt: could not stop cleanly within %.0f s", timeout)
+                    log.warning(
+                        "mqtt: could not send everything within %.0f s; %d message(s) wait on disk for the next run",
+                        timeout,
+                        len(self._due),
+                    )
+                    task = self._run_task
+                    if task is not None and not task.done():
+                        task.cancel()  # stop the sender before its outbox is closed
+                        with contextlib.suppress(asyncio.CancelledError, Exception):
+                            await asyncio.wait_for(asyncio.shield(task), 2.0)
         finally:  # even when cancelled: what was not sent waits on disk for the next run
             self._persist()
             self._outbox.close()

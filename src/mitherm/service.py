@@ -105,6 +105,9 @@ def _check_type(path: str, option: str, key: str, value: Any, default: Any) -> N
         raise ConfigError(f"{path}: option {option!r} must be a {want}, not {value!r}")
 
 
+MAX_PENDING_VALUES = 20_000
+
+
 class HistorySink:
     def __init__(self, history: Any) -> None:
         self.history = history
@@ -122,7 +125,11 @@ class HistorySink:
             if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("packet_id", "flags")
         }
         if values:
-            self.history.add(state.mac, state.last_seen, values)
+            history = self.history
+            history.add(state.mac, state.last_seen, values)
+            if history.pending > MAX_PENDING_VALUES:
+                # back-pressure: a replay at full speed can outrun the background flusher; keep memory bounded
+                history.flush()
 
 
 class MqttSink:
@@ -354,7 +361,7 @@ class Service:
                 await self.web_runner.cleanup()
         if self.publisher is not None:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.publisher.stop(timeout=4), 5)
+                await asyncio.wait_for(self.publisher.stop(timeout=10), 15)
         for t in background:
             t.cancel()
         await asyncio.gather(*background, return_exceptions=True)
