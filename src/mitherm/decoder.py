@@ -5,7 +5,7 @@ a frame costs one dict lookup, the format's struct unpacks and, when encrypted, 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 
 from .bindkey import Bindkey, InvalidKey, parse_bindkey
 from .formats import atc1441, bthome, mibeacon, pvvx
@@ -178,8 +178,3 @@ class Decoder:
     def decode_advertisement(self, adv: Advertisement) -> list[Reading]:
         """Readings for every supported service-data entry of one advertisement."""
         return [self.decode(adv.mac, uuid, data) for uuid, data in adv.service_data.items() if uuid in BY_UUID]
-
-
-def decode_all(frames: Iterable[tuple[str, int | str, bytes]], keys: Mapping[str, str] | None = None) -> list[Reading]:
-    d = Decoder(keys)
-    return [d.decode(m, u, p) for m, u, p in frames]

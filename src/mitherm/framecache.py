@@ -21,15 +21,6 @@ class Frame:
     name: str | None = None
 
 
-def carries_data(frame: Frame) -> bool:
-    """Whether a frame may carry measurements. Stock MiBeacon sensors send mostly idle frames (frame control
-    bit 6 clear) and one data frame about every 10 minutes; every other format carries data in each frame."""
-    if frame.service_uuid == MIBEACON:
-        p = frame.payload
-        return len(p) >= 2 and bool(p[0] & 0x40)
-    return True
-
-
 class FrameCache:
     """Recent frames per device (``per_device`` of any kind plus the last ``data_per_device`` frames that
     carry data, so that the idle frames of a stock sensor do not push its few data frames out); at most
@@ -62,8 +53,10 @@ class FrameCache:
             ring = self._frames[frame.mac] = deque(maxlen=self.per_device)
             self._data[frame.mac] = deque(maxlen=self.data_per_device)
         ring.append(frame)
+        # Stock MiBeacon sensors send mostly idle frames (frame control bit 6 clear) and one data frame about
+        # every 10 minutes; every other format carries data in each frame.
         p = frame.payload
-        if frame.service_uuid != MIBEACON or (len(p) >= 2 and p[0] & 0x40):  # carries_data, inlined
+        if frame.service_uuid != MIBEACON or (len(p) >= 2 and p[0] & 0x40):  # carries data?
             self._data[frame.mac].append(frame)
         if frame.name:
             self._names[frame.mac] = frame.name

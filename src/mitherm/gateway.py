@@ -18,7 +18,6 @@ from .state import DeviceState, KeyStatus
 
 log = logging.getLogger(__name__)
 
-MEASUREMENTS = ("temperature_c", "humidity_pct", "battery_pct", "voltage_v")
 _NOT_STATE = frozenset({"flags", "packet_id", "trigger"})  # per-frame facts, not device state
 
 
@@ -40,7 +39,6 @@ class GatewayStats:
 class GatewayOptions:
     dedupe_window: float = 10.0  # seconds: the same frame heard by several receivers (or repeated) is one frame
     publish_unknown: bool = False
-    counters_persist: Callable[[dict[str, int]], None] | None = None
 
 
 class Gateway:

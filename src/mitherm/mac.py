@@ -36,14 +36,6 @@ def normalize_mac(text: str) -> str:
     return ":".join(digits[i : i + 2] for i in range(0, 12, 2))
 
 
-def is_mac(text: str) -> bool:
-    try:
-        normalize_mac(text)
-    except InvalidMac:
-        return False
-    return True
-
-
 @lru_cache(maxsize=4096)
 def mac_to_bytes(mac: str) -> bytes:
     """Display order (big-endian) bytes of an address in any spelling."""
@@ -54,11 +46,6 @@ def mac_to_bytes(mac: str) -> bytes:
 def mac_to_le(mac: str) -> bytes:
     """Over-the-air (little-endian, reversed) bytes of an address, as MiBeacon and pvvx put it in frames."""
     return mac_to_bytes(mac)[::-1]
-
-
-def mac_from_bytes(b: bytes) -> str:
-    """``AA:BB:…`` from display-order bytes."""
-    return b.hex(":").upper()
 
 
 def mac_from_le(b: bytes) -> str:
