@@ -490,7 +490,7 @@ class MqttPublisher:
                 state.format,
                 state.product_id,
                 state.rssi is None,
-                tuple(k for k, v in state.values.items() if _is_number(v)),
+                tuple(state.values),
             )
             if self._disc_sig.get(mac) != sig:  # build the payloads only when what they depend on changed
                 self._disc_sig[mac] = sig
