@@ -184,16 +184,9 @@ def _walk_objects(data: bytes, start: int, end: int, reading: Reading, strict: b
         chunk = data[i + 3 : j]
         objects.append((oid, chunk))
         c = compiled_get(oid)
-        if c is not None:
-            if c.length == olen:
-                # object_values, inlined: this loop runs for every frame
-                for (name, conv), raw in zip(c.convert, c.unpack(chunk, 0)):  # noqa: B905 - same length
-                    if name in values:
-                        put(values, name, conv(raw))
-                    else:
-                        values[name] = conv(raw)
-            elif strict:
-                return DecodeError(ErrorCode.MALFORMED, f"object 0x{oid:04X} has length {olen}, expected {c.length}")
+        if c is not None and c.length != olen and strict:
+            return DecodeError(ErrorCode.MALFORMED, f"object 0x{oid:04X} has length {olen}, expected {c.length}")
+        object_values(oid, chunk, values)
         i = j
     return None
 
@@ -294,7 +287,19 @@ def decode(payload: bytes, mac: str, mac_le: bytes, key: Bindkey | None, key_err
     except InvalidTag:
         r.error = DecodeError(ErrorCode.WRONG_KEY, "MIC check failed: wrong bindkey (or a corrupted frame)")
         return r
-    err = _walk_objects(plain, 0, len(plain), r, strict=True)
+    n = len(plain)
+    if n >= 3 and plain[2] == n - 3:
+        # Stock sensors send exactly one object per encrypted frame: decode it without the general walk
+        oid = plain[0] | plain[1] << 8
+        chunk = plain[3:]
+        c = _COMPILED.get(oid)
+        if c is not None and c.length != n - 3:
+            r.error = DecodeError(ErrorCode.MALFORMED, f"object 0x{oid:04X} has length {n - 3}, expected {c.length}")
+            return r
+        r.objects.append((oid, chunk))
+        object_values(oid, chunk, r.values)
+        return r
+    err = _walk_objects(plain, 0, n, r, strict=True)
     if err is not None:
         r.values.clear()
         r.objects.clear()
