@@ -29,7 +29,7 @@ import click
 from ..protocols import pvvx as pv
 from ..protocols import stock as st
 from ..protocols.stock import HistoryProgress, HistoryRecord
-from .device import DeviceCommandError, _target, connection_options, sim_radio
+from .device import DeviceCommandError, _keystore_option, _target, connection_options, sim_radio
 
 __all__ = [
     "LiveReading",
@@ -937,14 +937,7 @@ def pvvx_set_cmd(ctx: click.Context, settings: tuple[str, ...]) -> None:
 @click.option("--show-key", is_flag=True, help="Print the key in full (it is a secret).")
 @click.option("--no-verify", is_flag=True, help="Do not wait for an advert to check the key.")
 @click.option("--verify-timeout", type=float, default=60.0, show_default=True, help="Seconds to wait for an advert.")
-@click.option(
-    "--keystore",
-    "keystore_path",
-    type=click.Path(dir_okay=False, path_type=Path),
-    envvar="MITHERM_KEYSTORE",
-    default=None,
-    help="Keystore file (default: keys.json in the mitherm config directory; env MITHERM_KEYSTORE).",
-)
+@_keystore_option
 @_pvvx_connection_options
 @click.pass_context
 def pvvx_bindkey_cmd(
