@@ -202,9 +202,17 @@ async def test_values_appear_and_update_live(live: Live, page: Page) -> None:
     await page.click('#devices th[data-sort="temperature_c"]')
     await page.click('#devices th[data-sort="temperature_c"]')
     assert await page.get_attribute('#devices th[data-sort="temperature_c"]', "aria-sort") == "descending"
-    temps = await page.eval_on_selector_all(
-        "#devices td[data-field=temperature_c]", "tds => tds.map(t => parseFloat(t.textContent)).filter(v => !isNaN(v))"
-    )
+    # values keep arriving over SSE while the test reads, so wait for a render in which the order holds (a table
+    # that is never sorted times out here)
+    temps = await (
+        await page.wait_for_function(
+            """() => {
+              const t = [...document.querySelectorAll('#devices td[data-field=temperature_c]')]
+                .map(td => parseFloat(td.textContent)).filter(v => !isNaN(v));
+              return t.length >= 5 && t.every((v, i) => i === 0 || t[i - 1] >= v) ? t : null;
+            }"""
+        )
+    ).json_value()
     assert temps == sorted(temps, reverse=True) and len(temps) >= 5
 
 
