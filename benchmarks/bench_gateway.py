@@ -134,12 +134,19 @@ async def run_service(cfg: RunConfig, frames: int, rss_at: int) -> dict:
     svc = Service(cfg, out=io.StringIO())
     marks: dict[str, float] = {}
 
+    series: list[tuple[int, float]] = []  # (adverts so far, RSS MiB) at every tenth of the capture
+
     async def sampler() -> None:
+        step = max(1, frames // 10)
         while True:
             gw = svc.gateway
-            if gw is not None and "rss_early" not in marks and gw.stats.adverts >= rss_at:
-                marks["rss_early"] = rss_mb()
-                marks["devices_early"] = len(gw.devices)
+            if gw is not None:
+                n = gw.stats.adverts
+                if "rss_early" not in marks and n >= rss_at:
+                    marks["rss_early"] = rss_mb()
+                    marks["devices_early"] = len(gw.devices)
+                if n >= (len(series) + 1) * step:
+                    series.append((n, rss_mb()))
             await asyncio.sleep(0.01)
 
     s = asyncio.create_task(sampler())
@@ -151,7 +158,7 @@ async def run_service(cfg: RunConfig, frames: int, rss_at: int) -> dict:
     marks["rss_end"] = rss_mb()
     marks["peak"] = peak_rss_mb()
     published = getattr(svc.publisher, "stats", None)
-    return {"gw": gw, "wall": wall, "cpu": cpu, "marks": marks, "published": published}
+    return {"gw": gw, "wall": wall, "cpu": cpu, "marks": marks, "published": published, "series": series}
 
 
 def load_adverts(path: Path, n: int) -> tuple[list[Advertisement], float]:
@@ -265,6 +272,7 @@ def main() -> int:
             ),
             (f"RSS after {n:,} frames", f"{m['rss_end']:.1f} MiB ({len(gw.devices)} devices)"),
             ("peak RSS of the service run (ru_maxrss)", f"{m['peak']:.1f} MiB"),
+            ("RSS every tenth of the run (MiB)", " ".join(f"{r:.0f}" for _, r in res["series"])),
             (f"capture parsing only ({len(advs):,} adverts)", f"{len(advs) / parse_s:,.0f} adverts/s"),
             ("pure Gateway.handle (no I/O, no sinks)", f"{len(advs) / handle_s:,.0f} adverts/s"),
             ("target", f"{TARGET:,} frames/s on one core"),
@@ -280,7 +288,7 @@ def main() -> int:
             "fps_wall": round(n / res["wall"]), "fps_cpu": round(rate),
             "pure_handle_fps": round(len(advs) / handle_s), "parse_fps": round(len(advs) / parse_s),
             "rss_early_mb": round(m.get("rss_early", 0), 1), "rss_end_mb": round(m["rss_end"], 1),
-            "peak_rss_mb": round(m["peak"], 1),
+            "peak_rss_mb": round(m["peak"], 1), "rss_series_mb": [round(r, 1) for _, r in res["series"]],
         }))  # fmt: skip
 
         if args.profile or rate < TARGET:

@@ -105,22 +105,28 @@ class Gateway:
             self.clock = t
         out: list[tuple[DeviceState, Reading]] = []
         recent = self._recent
-        window = self.options.dedupe_window
         for uuid, payload in adv.service_data.items():
             if uuid not in SUPPORTED_UUIDS:
                 continue
             stats.frames += 1
             if type(payload) is not bytes:
                 payload = bytes(payload)
-            key = (adv.mac, payload)
+            mac = adv.mac
+            key = (mac, payload)
             seen = recent.get(key)
-            if seen is not None and t - seen[0] <= window:
-                stats.duplicates += 1
-                self._duplicate(adv, seen)
-                continue
             if seen is not None:
+                if t - seen[0] <= self.options.dedupe_window:
+                    # the same frame from another receiver (or repeated): keep the best RSSI and its receiver
+                    stats.duplicates += 1
+                    rssi = adv.rssi
+                    if rssi is not None:
+                        st = self.devices.get(seen[1])
+                        if st is not None and st.last_seen == seen[0] and (st.rssi is None or rssi > st.rssi):
+                            st.rssi = rssi
+                            st.receiver = adv.source or st.receiver
+                    continue
                 del recent[key]  # re-insert at the end: the dict stays in time order for the sweep
-            recent[key] = (t, adv.mac)
+            recent[key] = (t, mac)
             self._inserts += 1
             if self._inserts & 255 == 0:
                 self._sweep(t)
@@ -130,20 +136,9 @@ class Gateway:
         return out
 
     def handle_many(self, advs: Iterable[Advertisement]) -> None:
+        handle = self.handle
         for adv in advs:
-            self.handle(adv)
-
-    def _duplicate(self, adv: Advertisement, seen: tuple[float, str]) -> None:
-        """The same frame from another receiver (or repeated): keep the best RSSI and its receiver."""
-        st = self.devices.get(seen[1])
-        if (
-            st is not None
-            and adv.rssi is not None
-            and (st.rssi is None or adv.rssi > st.rssi)
-            and st.last_seen == seen[0]
-        ):
-            st.rssi = adv.rssi
-            st.receiver = adv.source or st.receiver
+            handle(adv)
 
     def _sweep(self, now: float) -> None:
         """Forget dedupe entries older than the window (they are in time order) and cap the size."""

@@ -171,11 +171,40 @@ def _store(oid: int, t: ObjectType, data: bytes, values: dict[str, Value]) -> No
         values["dimmer_steps"] = data[1]
 
 
+# Per object id, what the v2 walk needs, precomputed (the hot path): (name, length, signed, factor, digits)
+# for fixed-length numbers; None for the other kinds (length-prefixed, events, firmware ...), which go
+# through ``_value``.
+_NUMERIC: list[tuple[str, int, bool, float, int] | None] = [None] * 256
+for _oid, _t_ in OBJECTS.items():
+    if _t_.kind in ("u", "s", "bin", "ts", "dev") and _oid != 0x3C:
+        _NUMERIC[_oid] = (_t_.name, _t_.length, _t_.kind == "s", _t_.factor, _DIGITS[_oid])
+_from_bytes = int.from_bytes
+
+
 def _walk_v2(data: bytes, start: int, end: int, r: Reading, strict: bool) -> DecodeError | None:
     i = start
     values = r.values
+    objects = r.objects
     while i < end:
         oid = data[i]
+        num = _NUMERIC[oid]
+        if num is not None:  # a fixed-length number: most objects
+            name, ln, signed, factor, digits = num
+            ds = i + 1
+            de = ds + ln
+            if de > end:
+                return _cut(r, strict, oid)
+            chunk = data[ds:de]
+            objects.append((oid, chunk))
+            v: Value = _from_bytes(chunk, "little", signed=signed)
+            if factor != 1.0:
+                v = round(v * factor, digits)
+            if name in values:
+                put(values, name, v)
+            else:
+                values[name] = v
+            i = de
+            continue
         t = OBJECTS.get(oid)
         if t is None:
             msg = f"unknown BTHome object id 0x{oid:02X}: parsing stops there"
@@ -195,7 +224,7 @@ def _walk_v2(data: bytes, start: int, end: int, r: Reading, strict: bool) -> Dec
         if de > end:
             return _cut(r, strict, oid)
         chunk = data[ds:de]
-        r.objects.append((oid, chunk))
+        objects.append((oid, chunk))
         _store(oid, t, chunk, values)
         i = de
     return None
