@@ -515,3 +515,277 @@ async def test_forget_device_clears_retained_topics(broker, tmp_path):
         async with Collector(broker, f"{s.base_topic}/#", f"{s.discovery_prefix}/#") as c:
             await asyncio.sleep(0.2)
             assert {t for t, _, _ in c.messages} == {f"{s.base_topic}/testgw/status"}
+
+
+# -- cheaper publishing: in-place held states, batched outbox, pipelined sending ----------------------------
+
+
+async def until(pred, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.01)
+
+
+def test_expire_after_fast_path_matches_expire_after_for(tmp_path):
+    """publish_state skips expire_after_for when the value in use is kept: same values, same discovery."""
+
+    async def main():
+        s = make_settings(free_port(), tmp_path)  # never connected: nothing is sent
+        pub = MqttPublisher(s)
+        st = make_state()
+        intervals = [None, 10.0, 99.9, 100.0, 100.1, 240.0, 250.0, 249.99, 1e9, float("inf"), float("nan")]
+        intervals += [0.0, -5.0, None, 3.0, 101.0, 99.0, 600.0, 1000.0, 400.0, 86400.0 / 3, 86400.0 / 3 + 1e-6]
+        expected = None
+        for iv in intervals:
+            st.data_interval = iv
+            pub.publish_state(st)
+            expected = expire_after_for(iv, expected)
+            assert pub._devices[MAC].expire == expected, iv
+            announced = pub._devices[MAC].discovery
+            assert announced == dict(discovery_messages(st, s, expected)), iv
+        await pub.stop()
+
+    asyncio.run(main())
+
+
+async def test_held_state_is_updated_in_place_and_keeps_the_earliest_due(broker, tmp_path):
+    t = [1000.0]
+    s = make_settings(broker, tmp_path, min_interval=30)
+    topic = f"{s.base_topic}/a4c138123456/state"
+    pub = MqttPublisher(s, clock=lambda: t[0])
+    task = asyncio.create_task(pub.run())
+    try:
+        async with Collector(broker, topic) as c:
+            await pub.wait_connected(5)
+            pub.publish_state(make_state(values={"temperature_c": 20.0}))
+            await c.wait_for(lambda: len(c.on(topic)) == 1)
+            await pub.wait_idle(5)  # acknowledged
+            t[0] = 1001.0  # unchanged values: refreshed after max(min_interval, expire_after / 3) = 100 s
+            pub.publish_state(make_state(values={"temperature_c": 20.0}, rssi=-80))
+            held = pub._due[topic]
+            assert held.due == 1100.0
+            t[0] = 1002.0  # a change: due after min_interval, earlier than the held one
+            pub.publish_state(make_state(values={"temperature_c": 21.0}))
+            assert pub._due[topic] is held and held.due == 1030.0
+            t[0] = 1003.0  # unchanged again (own due 1100): never delays the one already scheduled
+            pub.publish_state(make_state(values={"temperature_c": 20.0}, rssi=-60))
+            assert pub._due[topic] is held and held.due == 1030.0
+            assert pub.backlog == 1
+            t[0] = 1029.0
+            await asyncio.sleep(0.4)  # the sender looks at least every 0.25 s under a capture clock
+            assert len(c.on(topic)) == 1
+            t[0] = 1030.0
+            await c.wait_for(lambda: len(c.on(topic)) == 2)
+            second = json.loads(c.on(topic)[1])
+            assert (second["temperature_c"], second["rssi"]) == (20.0, -60)  # the newest state
+            await pub.wait_idle(5)
+            # the next state after a publish is a new message again, rate-limited from the publish
+            t[0] = 1031.0
+            pub.publish_state(make_state(values={"temperature_c": 22.0}))
+            assert pub._due[topic] is not held and pub._due[topic].due == 1060.0
+    finally:
+        await pub.stop()
+        await asyncio.wait_for(task, 5)
+
+
+async def test_a_state_queued_while_the_previous_is_in_flight_is_rate_limited(broker, tmp_path, monkeypatch):
+    gate = asyncio.Event()
+    publish = aiomqtt.Client.publish
+
+    async def gated(self, topic, *args, **kwargs):
+        if topic.endswith("/state"):
+            await gate.wait()  # the broker has not acknowledged it yet
+        return await publish(self, topic, *args, **kwargs)
+
+    monkeypatch.setattr(aiomqtt.Client, "publish", gated)
+    t = [1000.0]
+    s = make_settings(broker, tmp_path, min_interval=30)
+    topic = f"{s.base_topic}/a4c138123456/state"
+    pub = MqttPublisher(s, clock=lambda: t[0])
+    task = asyncio.create_task(pub.run())
+    try:
+        await pub.wait_connected(5)
+        pub.publish_state(make_state(values={"temperature_c": 20.0}))
+        first = pub._due[topic]
+        await until(lambda: first.sending)
+        t[0] = 1001.0  # unchanged: waits for the refresh, counted from the publish in flight
+        pub.publish_state(make_state(values={"temperature_c": 20.0}, rssi=-80))
+        second = pub._due[topic]
+        assert second is not first and second.due == 1100.0
+        pub.publish_state(make_state(values={"temperature_c": 21.0}))  # a change: min_interval after it
+        assert pub._due[topic] is second and second.due == 1030.0
+        published = pub.published
+        gate.set()
+        await until(lambda: pub.published > published and not first.sending)  # the first state: acknowledged
+        assert pub.backlog == 1 and pub._due[topic] is second
+    finally:
+        gate.set()
+        await pub.stop()
+        await asyncio.wait_for(task, 5)
+
+
+async def test_outbox_is_written_in_batches_and_delivered_by_the_next_run(broker, tmp_path, monkeypatch):
+    from mitherm import mqtt as mqtt_module
+
+    writes: list[int] = []
+    put = mqtt_module._Outbox.put
+
+    def counting_put(self, msgs):
+        writes.append(len(msgs))
+        return put(self, msgs)
+
+    monkeypatch.setattr(mqtt_module._Outbox, "put", counting_put)
+    macs = [f"A4:C1:38:00:01:{i:02X}" for i in range(40)]
+    s = make_settings(free_port(), tmp_path)  # the broker is down
+    async with running(s) as pub:
+        for v in range(10):
+            for m in macs:
+                pub.publish_state(make_state(mac=m, values={"temperature_c": 10.0 + v, "humidity_pct": 50.0}))
+            await asyncio.sleep(0)
+        assert not pub.connected
+        assert writes == []  # nothing written per message
+    # stop() wrote every waiting topic once, in one transaction: discovery (2 + rssi), availability, state
+    assert writes == [len(macs) * 5]
+    s2 = replace(s, port=broker)
+    async with Collector(broker, f"{s.base_topic}/#", f"{s.discovery_prefix}/#") as c:
+        async with running(s2) as pub2:
+            assert pub2.backlog == len(macs) * 5
+            await pub2.wait_connected(5)
+            await pub2.wait_idle(5)
+        await c.wait_for(lambda: sum(t.endswith("/state") for t, _, _ in c.messages) >= len(macs))
+        for m in macs:
+            node = m.replace(":", "").lower()
+            assert [json.loads(p)["temperature_c"] for p in c.on(f"{s.base_topic}/{node}/state")] == [19.0]
+            assert c.on(f"{s.base_topic}/{node}/availability") == [b"online"]
+            assert len(c.on(f"{s.discovery_prefix}/sensor/mitherm_{node}/temperature_c/config")) == 1
+    async with running(s2) as pub3:  # delivered: the outbox is empty
+        assert pub3.backlog == 0
+
+
+async def test_outbox_is_on_disk_within_the_flush_interval(broker, tmp_path):
+    """A kill -9 during an outage loses at most the updates of the last OUTBOX_FLUSH_INTERVAL seconds."""
+    from mitherm.mqtt import OUTBOX_FLUSH_INTERVAL
+
+    dead = free_port()
+    s = make_settings(dead, tmp_path)
+    script = textwrap.dedent(
+        f"""
+        import asyncio, sys
+        from pathlib import Path
+        from mitherm.mqtt import MqttPublisher, MqttSettings, OUTBOX_FLUSH_INTERVAL
+        from mitherm.state import DeviceState
+        async def main():
+            s = MqttSettings(host="127.0.0.1", port={dead}, base_topic={s.base_topic!r},
+                             discovery_prefix={s.discovery_prefix!r}, gateway_id="testgw",
+                             outbox_path=Path({str(s.outbox_path)!r}), reconnect_initial=0.05)
+            pub = MqttPublisher(s)
+            task = asyncio.create_task(pub.run())
+            st = DeviceState("A4:C1:38:12:34:56", name="Kitchen", values={{"temperature_c": 7.5}}, known=True,
+                             data_interval=10.0, last_seen=1_700_000_000.0)
+            pub.publish_state(st)
+            await asyncio.sleep(OUTBOX_FLUSH_INTERVAL + 0.3)
+            print("queued", flush=True)
+            await asyncio.sleep(60)
+        asyncio.run(main())
+        """
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        line = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), 15 + OUTBOX_FLUSH_INTERVAL)
+        assert line.strip() == "queued"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finally:
+        proc.kill()
+        proc.wait()
+    topic = f"{s.base_topic}/a4c138123456/state"
+    async with Collector(broker, topic) as c:
+        async with running(replace(s, port=broker)) as pub:
+            assert pub.backlog >= 3  # state, availability, discovery
+            await pub.wait_connected(5)
+            await pub.wait_idle(5)
+            await c.wait_for(lambda: len(c.on(topic)) == 1)
+        assert json.loads(c.on(topic)[0])["temperature_c"] == 7.5
+
+
+async def test_a_delivered_state_never_comes_back_from_the_outbox(tmp_path):
+    """A held-back state written to the outbox during an outage, then replaced and delivered after it:
+    its row is gone, so the next run does not re-publish the older value."""
+    proc, port = start_mosquitto(tmp_path / "b1")
+    t = [1000.0]
+    s = make_settings(port, tmp_path, min_interval=30)
+    topic = f"{s.base_topic}/a4c138123456/state"
+    pub = MqttPublisher(s, clock=lambda: t[0])
+    task = asyncio.create_task(pub.run())
+    try:
+        await pub.wait_connected(5)
+        pub.publish_state(make_state(values={"temperature_c": 1.0}))
+        await pub.wait_idle(5)
+        t[0] = 1001.0
+        pub.publish_state(make_state(values={"temperature_c": 2.0}))  # held back until 1030
+        stop_mosquitto(proc)
+        await until(lambda: not pub.connected)
+        assert pub._due[topic].on_disk  # written when the connection dropped
+        proc, _ = start_mosquitto(tmp_path / "b2", port=port)
+        await pub.wait_connected(10)
+        t[0] = 1002.0
+        pub.publish_state(make_state(values={"temperature_c": 3.0}))  # replaces the held-back state
+        t[0] = 1031.0
+        async with Collector(port, topic) as c:
+            await pub.wait_idle(5)
+            await c.wait_for(lambda: c.last(topic) is not None and json.loads(c.last(topic))["temperature_c"] == 3.0)
+        await pub.stop()
+        await asyncio.wait_for(task, 5)
+        pub2 = MqttPublisher(s)
+        assert pub2.backlog == 0
+        await pub2.stop()
+    finally:
+        await pub.stop()
+        stop_mosquitto(proc)
+
+
+async def test_pipelined_sending_keeps_priority_and_topic_order(broker, tmp_path, monkeypatch):
+    from mitherm.mqtt import SEND_WINDOW
+
+    in_flight = peak = 0
+    publish = aiomqtt.Client.publish
+
+    async def counting_publish(self, *args, **kwargs):
+        nonlocal in_flight, peak
+        in_flight += 1
+        peak = max(peak, in_flight)
+        try:
+            return await publish(self, *args, **kwargs)
+        finally:
+            in_flight -= 1
+
+    monkeypatch.setattr(aiomqtt.Client, "publish", counting_publish)
+    s = make_settings(broker, tmp_path)
+    macs = [f"A4:C1:38:00:02:{i:02X}" for i in range(30)]
+    async with Collector(broker, f"{s.base_topic}/#", f"{s.discovery_prefix}/#") as c, running(s) as pub:
+        await pub.wait_connected(5)
+        for m in macs:  # one batch: 30 devices x (5 discovery + availability + state)
+            pub.publish_state(make_state(mac=m))
+        await pub.wait_idle(10)
+        await c.wait_for(lambda: sum(t.endswith("/state") for t, _, _ in c.messages) == len(macs))
+        kinds = [
+            0 if t.endswith("/config") else 1 if t.endswith("/availability") else 2
+            for t, _, _ in c.messages
+            if not t.endswith("/status")
+        ]
+        assert len(kinds) == len(macs) * 7
+        assert kinds == sorted(kinds)  # discovery, then availability, then states
+        assert 1 < peak <= SEND_WINDOW  # several publishes awaited together, never more than the window
+
+        # per topic, values arrive oldest first and the newest last, whatever is coalesced in between
+        topic = f"{s.base_topic}/a4c1380002{0:02x}/state"
+        c.messages.clear()
+        for v in range(1, 41):
+            pub.publish_state(make_state(mac=macs[0], values={"temperature_c": float(v)}))
+            await asyncio.sleep(0.002 if v % 3 else 0)
+        await pub.wait_idle(10)
+        await c.wait_for(lambda: c.last(topic) is not None and json.loads(c.last(topic))["temperature_c"] == 40.0)
+        got = [json.loads(p)["temperature_c"] for p in c.on(topic)]
+        assert got == sorted(set(got)) and got[-1] == 40.0
+        assert len(got) > 1

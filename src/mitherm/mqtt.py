@@ -10,12 +10,17 @@ Topics (``<base>`` = ``mitherm``, ``<id>`` = MAC without colons, lower case)::
 Delivery: every message is a retained "newest value of a topic". Messages wait in a per-topic
 outbox (newest replaces older), mirrored to a small SQLite file while the broker is unreachable, so a
 broker outage (or a gateway restart during one) loses nothing and sends each topic's newest value
-once when the broker is back."""
+once when the broker is back. The file is written in batches (see ``OUTBOX_FLUSH_INTERVAL``: a kill -9
+during an outage loses at most the last half second of updates). Sending is pipelined: up to
+``SEND_WINDOW`` QoS 1 publishes wait for their acknowledgement at once, issued in priority order
+(discovery, availability, states) and, per topic, oldest first."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
+import itertools
 import json
 import logging
 import math
@@ -331,6 +336,20 @@ def _significant(state: DeviceState) -> tuple[object, ...]:
 
 _PRIO_DISCOVERY, _PRIO_AVAILABILITY, _PRIO_STATE = 1, 2, 3  # send order within a batch
 
+#: While the broker is unreachable, queued messages reach the outbox file in one transaction at most this many
+#: seconds after they were queued (or as soon as OUTBOX_FLUSH_TOPICS topics wait to be written), and always when
+#: the connection drops and on stop. A crash (kill -9) while the broker is unreachable therefore loses at most
+#: the messages queued in the last OUTBOX_FLUSH_INTERVAL seconds; a topic that already had a row keeps its
+#: older value, which is what the next run delivers.
+OUTBOX_FLUSH_INTERVAL = 0.5
+OUTBOX_FLUSH_TOPICS = 1000
+#: QoS 1 publishes awaiting their acknowledgement at once (paho's default max_inflight_messages is 20). They are
+#: issued in send order on the one connection (the next as soon as one is acknowledged), so the broker receives
+#: them in that order; a topic has at most one message in flight.
+SEND_WINDOW = 20
+#: seconds without an acknowledgement while publishes wait for one before the connection is considered broken
+PUBLISH_TIMEOUT = 10.0
+
 
 @dataclass(slots=True, eq=False)
 class _Msg:
@@ -338,20 +357,53 @@ class _Msg:
     payload: bytes
     retain: bool
     prio: int
-    due: float = 0.0  # time.monotonic()
+    due: float = 0.0  # by the publisher's clock
     mac: str | None = None
-    signature: object = None  # state messages: see _significant
-    on_disk: bool = False
+    signature: object = None  # state messages: see _significant (set when the payload is built)
+    on_disk: bool = False  # the outbox row of this topic holds this message's current payload
     seq: int = 0
     #: a state message's payload is built from the device state only when it is sent or stored (most states
     #: are replaced by a newer one before their rate-limit window ends, so most are never serialised)
     state: DeviceState | None = None
+    sending: bool = False  # published, not acknowledged yet: a newer state gets a new message
 
     def materialize(self) -> bytes:
-        if self.state is not None:
-            self.payload = state_payload(self.state)
+        st = self.state
+        if st is not None:
+            self.payload = state_payload(st)
+            self.signature = _significant(st)
             self.state = None
         return self.payload
+
+
+def _send_order(m: _Msg) -> tuple[int, int]:
+    return (m.prio, m.seq)
+
+
+def _seq_of(m: _Msg) -> int:
+    return m.seq
+
+
+@dataclass(slots=True, eq=False)
+class _Device:
+    """What the publisher keeps per device (by normalised MAC)."""
+
+    mac: str
+    state_topic: str
+    availability_topic: str
+    #: expire_after in use (None: not derived yet, e.g. with discovery off)
+    expire: int | None = None
+    #: the state facts the announced discovery payloads were built from (disc_keys None: never built)
+    disc_name: str | None = None
+    disc_model: str | None = None
+    disc_format: str | None = None
+    disc_product_id: int | None = None
+    disc_no_rssi: bool = False
+    disc_keys: tuple[str, ...] | None = None
+    discovery: dict[str, bytes] = field(default_factory=dict)  # topic -> payload announced
+    available: bool | None = None
+    last_pub: float | None = None  # publisher-clock time of the last state publish
+    last_sig: object = None  # _significant of the last state published
 
 
 class _Outbox:
@@ -373,32 +425,52 @@ class _Outbox:
         self._seq = row[0] or 0
 
     def put(self, msgs: list[_Msg]) -> None:
+        """Write ``msgs`` (in this order) in one transaction."""
         if not msgs:
             return
         rows = []
+        seq = self._seq
         for m in msgs:
-            self._seq += 1
-            m.on_disk = True
-            rows.append((m.topic, m.materialize(), int(m.retain), m.prio, self._seq))
-        self._db.execute("BEGIN")
-        self._db.executemany(
-            "INSERT INTO outbox (topic, payload, retain, prio, seq) VALUES (?, ?, ?, ?, ?) ON CONFLICT (topic) "
-            "DO UPDATE SET payload = excluded.payload, retain = excluded.retain, prio = excluded.prio, "
-            "seq = excluded.seq",
-            rows,
-        )
-        excess = self._db.execute("SELECT count(*) FROM outbox").fetchone()[0] - self.limit
-        if excess > 0:
-            log.warning("mqtt: outbox full (%d topics): dropping the %d oldest", self.limit, excess)
-            self._db.execute(
-                "DELETE FROM outbox WHERE topic IN (SELECT topic FROM outbox ORDER BY prio DESC, seq LIMIT ?)",
-                (excess,),
+            seq += 1
+            rows.append((m.topic, m.materialize(), int(m.retain), m.prio, seq))
+        db = self._db
+        db.execute("BEGIN")
+        try:
+            db.executemany(
+                "INSERT INTO outbox (topic, payload, retain, prio, seq) VALUES (?, ?, ?, ?, ?) ON CONFLICT (topic) "
+                "DO UPDATE SET payload = excluded.payload, retain = excluded.retain, prio = excluded.prio, "
+                "seq = excluded.seq",
+                rows,
             )
-        self._db.execute("COMMIT")
+            excess = db.execute("SELECT count(*) FROM outbox").fetchone()[0] - self.limit
+            if excess > 0:
+                log.warning("mqtt: outbox full (%d topics): dropping the %d oldest", self.limit, excess)
+                db.execute(
+                    "DELETE FROM outbox WHERE topic IN (SELECT topic FROM outbox ORDER BY prio DESC, seq LIMIT ?)",
+                    (excess,),
+                )
+            db.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                db.execute("ROLLBACK")
+            raise
+        self._seq = seq
+        for m in msgs:
+            m.on_disk = True
 
-    def delete(self, msg: _Msg) -> None:
-        """Remove the row of a published message, unless a newer payload replaced it meanwhile."""
-        self._db.execute("DELETE FROM outbox WHERE topic = ? AND payload = ?", (msg.topic, msg.payload))
+    def delete_topics(self, topics: list[str]) -> None:
+        """Remove the rows of ``topics`` (delivered) in one transaction."""
+        if not topics:
+            return
+        db = self._db
+        db.execute("BEGIN")
+        try:
+            db.executemany("DELETE FROM outbox WHERE topic = ?", [(t,) for t in topics])
+            db.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                db.execute("ROLLBACK")
+            raise
 
     def load(self) -> list[_Msg]:
         rows = self._db.execute("SELECT topic, payload, retain, prio, seq FROM outbox ORDER BY seq").fetchall()
@@ -433,18 +505,24 @@ class MqttPublisher:
         self._clock: Callable[[], float] = clock or time.monotonic
         self._capture_clock = clock is not None
         self._sender_deadline: float | None = None  # when the sender wakes up next (None: idle)
-        self._disc_sig: dict[str, tuple[Any, ...]] = {}  # mac -> what its discovery payloads were built from
         path = settings.outbox_path or data_dir() / f"mqtt-outbox-{settings.gateway_id}.sqlite3"
         self._outbox = _Outbox(Path(path), settings.outbox_max)
-        self._due: dict[str, _Msg] = {m.topic: m for m in self._outbox.load()}
+        self._due: dict[str, _Msg] = {m.topic: m for m in self._outbox.load()}  # topic -> newest waiting
         self._seq = max((m.seq for m in self._due.values()), default=0)
-        self._discovery: dict[str, dict[str, bytes]] = {}  # mac -> {topic: payload} announced
-        self._expire: dict[str, int] = {}  # mac -> expire_after in use
-        self._available: dict[str, bool] = {}
-        self._last_pub: dict[str, float] = {}  # mac -> monotonic time of the last state publish
-        self._last_sig: dict[str, object] = {}
+        #: (due, tiebreak, msg) of the waiting messages; entries of replaced / sent / rescheduled messages are
+        #: skipped when they come up (see _valid)
+        self._heap: list[tuple[float, int, _Msg]] = []
+        self._tiebreak = itertools.count()
+        self._devices: dict[str, _Device] = {}  # normalised MAC -> device
+        self._lookup: dict[str, _Device] = {}  # any MAC spelling seen -> device
+        self._disk_topics: set[str] = set(self._due)  # topics with an outbox row
+        self._dirty: dict[str, _Msg] = {}  # queued while disconnected, not written to the outbox yet
+        self._dirty_since = 0.0
+        self._flush_handle: asyncio.TimerHandle | None = None
+        self._delivered_on_disk: list[str] = []  # acknowledged topics whose outbox rows are to be deleted
         self._client: aiomqtt.Client | None = None
         self._connected = asyncio.Event()
+        self._online = False  # mirrors _connected (checked for every message queued)
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
         self._finished = asyncio.Event()
@@ -469,102 +547,158 @@ class MqttPublisher:
     def wants(self, state: DeviceState) -> bool:
         return state.known or self.settings.publish_unknown
 
+    def _device(self, mac: str) -> _Device:
+        """The record of ``mac`` (any spelling), created when first seen."""
+        dev = self._lookup.get(mac)
+        if dev is None:
+            norm = normalize_mac(mac)
+            dev = self._devices.get(norm)
+            if dev is None:
+                s = self.settings
+                dev = _Device(norm, s.device_topic(norm, "state"), s.device_topic(norm, "availability"))
+                self._devices[norm] = dev
+            self._lookup[mac] = self._lookup[norm] = dev
+        return dev
+
     def publish_state(self, state: DeviceState) -> None:
         """Queue a device's state. The first state of a device and any changed state go out at once,
         unless the device published less than ``min_interval`` ago: then it is held back and published
         when the interval ends (a newer state replaces a held-back one; the newest is never dropped).
         Announces the device (discovery, availability ``online``) when first seen or when its
         discovery changes (a new quantity, a new expire_after bucket, a rename)."""
-        if not self.wants(state):
-            return
-        mac = normalize_mac(state.mac)
-        now = self._clock()
         s = self.settings
+        if not (state.known or s.publish_unknown):
+            return
+        dev = self._lookup.get(state.mac)
+        if dev is None:
+            dev = self._device(state.mac)
+        now = self._clock()
         if s.discovery:
-            expire = expire_after_for(state.data_interval, self._expire.get(mac))
-            self._expire[mac] = expire
-            sig = (
-                expire,
-                state.name,
-                state.model,
-                state.format,
-                state.product_id,
-                state.rssi is None,
-                tuple(state.values),
-            )
-            if self._disc_sig.get(mac) != sig:  # build the payloads only when what they depend on changed
-                self._disc_sig[mac] = sig
-                announced = self._discovery.setdefault(mac, {})
-                for topic, payload in discovery_messages(state, s, expire):
-                    if announced.get(topic) != payload:
-                        announced[topic] = payload
-                        self._enqueue(_Msg(topic, payload, True, _PRIO_DISCOVERY, now, mac))
-        if not self._available.get(mac):
+            # expire_after_for(interval, dev.expire), skipping the call when the value in use is kept
+            expire = dev.expire
+            interval = state.data_interval
+            if expire is not None and interval is not None and interval > 0.0:
+                need = 3.0 * interval
+                if need < 300.0:
+                    need = 300.0
+                if not need <= expire < 2.5 * need:
+                    expire = expire_after_for(interval, expire)
+            elif expire is None or interval is not None:
+                expire = expire_after_for(interval, expire)
+            # build the payloads only when what they depend on changed
+            keys = tuple(state.values)
+            if (
+                expire != dev.expire
+                or state.name != dev.disc_name
+                or state.model != dev.disc_model
+                or state.format != dev.disc_format
+                or state.product_id != dev.disc_product_id
+                or (state.rssi is None) is not dev.disc_no_rssi
+                or keys != dev.disc_keys
+            ):
+                self._announce(dev, state, expire, keys, now)
+        if not dev.available:
             # first state, or a state after the pipeline marked it unavailable: the device is alive
-            self._set_available(mac, True, now)
-        sig = _significant(state)
-        last = self._last_pub.get(mac)
+            self._set_available(dev, True, now)
+        topic = dev.state_topic
+        held = self._due.get(topic)
+        if held is not None and held.sending:
+            held = None  # being published: a newer state is a new message, rate-limited from that publish
+        last = dev.last_pub
         if last is None:
             due = now
         else:
-            wait = s.min_interval
-            if s.refresh_unchanged and sig == self._last_sig.get(mac):
-                wait = max(wait, self._expire.get(mac, EXPIRE_UNKNOWN) / 3.0)
-            due = max(now, last + wait)
-        topic = s.device_topic(mac, "state")
-        held = self._due.get(topic)
-        if held is not None:
-            due = min(due, held.due)  # a newer state never delays one already scheduled
-        self._enqueue(_Msg(topic, b"", s.retain_state, _PRIO_STATE, due, mac, sig, state=state))
+            due = last + s.min_interval
+            if due < now:
+                due = now
+            # An unchanged state waits longer (refresh); a held-back message due no later than `due` decides
+            # alone (a newer state never delays one already scheduled), so the comparison is mostly skipped.
+            if (held is None or held.due > due) and s.refresh_unchanged and _significant(state) == dev.last_sig:
+                exp = dev.expire
+                due = last + max(s.min_interval, (exp if exp is not None else EXPIRE_UNKNOWN) / 3.0)
+                if due < now:
+                    due = now
+        if held is None:
+            self._enqueue(_Msg(topic, b"", s.retain_state, _PRIO_STATE, due, dev.mac, state=state))
+            return
+        if held.prio != _PRIO_STATE:  # e.g. forget_device's empty payload
+            self._enqueue(_Msg(topic, b"", s.retain_state, _PRIO_STATE, min(due, held.due), dev.mac, state=state))
+            return
+        # the held-back message of the device takes the newer state in place
+        held.state = state
+        held.on_disk = False
+        if held.mac is None:  # loaded from the outbox
+            held.mac = dev.mac
+            held.retain = s.retain_state
+        self._seq = held.seq = self._seq + 1
+        if due < held.due:
+            held.due = due
+            self._schedule(held)
+        if not self._online:
+            self._mark_dirty(held)
+
+    def _announce(self, dev: _Device, state: DeviceState, expire: int, keys: tuple[str, ...], now: float) -> None:
+        dev.expire = expire
+        dev.disc_keys = keys
+        dev.disc_name = state.name
+        dev.disc_model = state.model
+        dev.disc_format = state.format
+        dev.disc_product_id = state.product_id
+        dev.disc_no_rssi = state.rssi is None
+        announced = dev.discovery
+        for topic, payload in discovery_messages(state, self.settings, expire):
+            if announced.get(topic) != payload:
+                announced[topic] = payload
+                self._enqueue(_Msg(topic, payload, True, _PRIO_DISCOVERY, now, dev.mac))
 
     def set_available(self, mac: str, available: bool) -> None:
         """Publish a device's availability (``online``/``offline``, retained). HA shows the device's
         entities unavailable while it is offline. The next ``publish_state`` of the device marks it
         online again."""
-        mac = normalize_mac(mac)
-        if self._available.get(mac) is available:
+        dev = self._device(mac)
+        if dev.available is available:
             return
-        self._set_available(mac, available, self._clock())
+        self._set_available(dev, available, self._clock())
 
     def forget_device(self, mac: str) -> None:
         """Remove a device from HA and the broker: empty retained payloads on its discovery, state and
         availability topics."""
         mac = normalize_mac(mac)
         now = self._clock()
-        self._disc_sig.pop(mac, None)
-        topics = list(self._discovery.pop(mac, {}))
+        dev = self._devices.pop(mac, None)
+        topics = []
+        if dev is not None:
+            self._lookup = {k: d for k, d in self._lookup.items() if d is not dev}
+            topics += dev.discovery
         topics += [self.settings.device_topic(mac, "state"), self.settings.device_topic(mac, "availability")]
         for topic in topics:
             self._enqueue(_Msg(topic, b"", True, _PRIO_DISCOVERY, now, mac))
-        for d in (self._expire, self._available, self._last_pub, self._last_sig):
-            d.pop(mac, None)
 
     def announce_all(self) -> None:
         """Queue discovery and availability of every device seen (done on each connection and when HA
         sends its birth message)."""
-        now = time.monotonic()
-        for mac, announced in self._discovery.items():
-            for topic, payload in announced.items():
-                self._enqueue(_Msg(topic, payload, True, _PRIO_DISCOVERY, now, mac), replace_newer=False)
-        for mac, available in self._available.items():
-            self._enqueue(
-                _Msg(
-                    self.settings.device_topic(mac, "availability"),
-                    b"online" if available else b"offline",
-                    True,
-                    _PRIO_AVAILABILITY,
-                    now,
-                    mac,
-                ),
-                replace_newer=False,
-            )
+        now = self._clock()
+        for dev in self._devices.values():
+            for topic, payload in dev.discovery.items():
+                self._enqueue(_Msg(topic, payload, True, _PRIO_DISCOVERY, now, dev.mac), replace_newer=False)
+        for dev in self._devices.values():
+            if dev.available is not None:
+                self._enqueue(
+                    _Msg(
+                        dev.availability_topic,
+                        b"online" if dev.available else b"offline",
+                        True,
+                        _PRIO_AVAILABILITY,
+                        now,
+                        dev.mac,
+                    ),
+                    replace_newer=False,
+                )
 
-    def _set_available(self, mac: str, available: bool, now: float) -> None:
-        self._available[mac] = available
+    def _set_available(self, dev: _Device, available: bool, now: float) -> None:
+        dev.available = available
         payload = b"online" if available else b"offline"
-        self._enqueue(
-            _Msg(self.settings.device_topic(mac, "availability"), payload, True, _PRIO_AVAILABILITY, now, mac)
-        )
+        self._enqueue(_Msg(dev.availability_topic, payload, True, _PRIO_AVAILABILITY, now, dev.mac))
 
     def _enqueue(self, msg: _Msg, replace_newer: bool = True) -> None:
         if not replace_newer and msg.topic in self._due:
@@ -572,15 +706,90 @@ class MqttPublisher:
         self._seq += 1
         msg.seq = self._seq
         self._due[msg.topic] = msg
-        if not self._connected.is_set():
-            try:
-                self._outbox.put([msg])
-            except sqlite3.Error as e:  # the in-memory copy still gets sent
-                log.warning("mqtt: cannot write the outbox %s: %s", self._outbox.path, e)
+        self._schedule(msg)
+        if not self._online:
+            self._mark_dirty(msg)
+
+    def _schedule(self, msg: _Msg) -> None:
+        """Make the sender see ``msg`` at ``msg.due`` (a new message, or one that is due earlier now)."""
+        heap = self._heap
+        heapq.heappush(heap, (msg.due, next(self._tiebreak), msg))
+        if len(heap) > 4 * len(self._due) + 1024:  # many stale entries (a long outage): drop them
+            self._rebuild_schedule()
         deadline = self._sender_deadline
         if deadline is None or msg.due < deadline:
             self._sender_deadline = msg.due
             self._wake.set()  # the sender sleeps until `deadline`: wake it only for something due earlier
+
+    def _rebuild_schedule(self) -> None:
+        tb = self._tiebreak
+        self._heap = [(m.due, next(tb), m) for m in self._due.values()]
+        heapq.heapify(self._heap)
+
+    def _valid(self, entry: tuple[float, int, _Msg]) -> bool:
+        m = entry[2]
+        return self._due.get(m.topic) is m and m.due == entry[0] and not m.sending
+
+    # -- outbox ----------------------------------------------------------------------------------------
+
+    def _mark_dirty(self, msg: _Msg) -> None:
+        """``msg`` was queued (or updated) while the broker is unreachable: write it to the outbox soon."""
+        dirty = self._dirty
+        dirty[msg.topic] = msg
+        if self._flush_handle is None:
+            self._dirty_since = time.monotonic()
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:  # no event loop to flush later: write now
+                self._flush_outbox()
+                return
+            self._flush_handle = loop.call_later(OUTBOX_FLUSH_INTERVAL, self._flush_outbox)
+        elif len(dirty) >= OUTBOX_FLUSH_TOPICS or time.monotonic() - self._dirty_since >= OUTBOX_FLUSH_INTERVAL:
+            self._flush_outbox()  # also when the event loop is too busy to run the timer
+
+    def _flush_outbox(self) -> None:
+        """Write the messages queued while disconnected that still wait (one transaction)."""
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        due = self._due
+        waiting = [m for m in self._dirty.values() if due.get(m.topic) is m and not m.on_disk]
+        self._dirty.clear()
+        waiting.sort(key=_seq_of)
+        self._write_outbox(waiting)
+
+    def _persist(self) -> None:
+        """Copy every waiting message to disk (the broker went away, or stop)."""
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        self._dirty.clear()
+        waiting = sorted((m for m in self._due.values() if not m.on_disk), key=_seq_of)
+        self._write_outbox(waiting)
+
+    def _write_outbox(self, msgs: list[_Msg]) -> None:
+        if self._closed:
+            return
+        try:
+            self._delete_delivered()  # first: a row written below must not be deleted afterwards
+            if msgs:
+                self._outbox.put(msgs)
+                self._disk_topics.update(m.topic for m in msgs)
+        except sqlite3.Error as e:  # the in-memory copy still gets sent
+            log.warning("mqtt: cannot write the outbox %s: %s", self._outbox.path, e)
+
+    def _delete_delivered(self) -> None:
+        """Delete the outbox rows of delivered topics (one transaction)."""
+        topics = self._delivered_on_disk
+        if topics and not self._closed:
+            self._delivered_on_disk = []
+            self._outbox.delete_topics(topics)
+
+    def _delete_delivered_logged(self) -> None:
+        try:
+            self._delete_delivered()
+        except sqlite3.Error as e:  # at worst a delivered message is sent once more by the next run
+            log.warning("mqtt: cannot update the outbox %s: %s", self._outbox.path, e)
 
     # -- connection ------------------------------------------------------------------------------------
 
@@ -652,6 +861,7 @@ class MqttPublisher:
                     self._client = None
                     if self._connected.is_set():
                         self._connected.clear()
+                        self._online = False
                         self._persist()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stopping.wait(), timeout=delay)
@@ -660,20 +870,16 @@ class MqttPublisher:
             self._running = False
             self._finished.set()
 
-    def _persist(self) -> None:
-        """Copy the waiting messages to disk (the broker went away)."""
-        waiting = [m for m in self._due.values() if not m.on_disk]
-        try:
-            self._outbox.put(waiting)
-        except sqlite3.Error as e:
-            log.warning("mqtt: cannot write the outbox %s: %s", self._outbox.path, e)
-
     async def _session(self, client: aiomqtt.Client) -> None:
         s = self.settings
+        # a window of pipelined publishes is expected, not a sign of trouble
+        client.pending_calls_threshold = max(client.pending_calls_threshold, 2 * SEND_WINDOW)
         await client.publish(s.gateway_status_topic, b"online", qos=1, retain=True)
         await client.subscribe(s.ha_status_topic, qos=1)
         self._connected.set()
+        self._online = True
         self.announce_all()  # the broker may have lost its retained messages
+        self._rebuild_schedule()
         sender = asyncio.create_task(self._sender(client), name="mitherm-mqtt-sender")
         listener = asyncio.create_task(self._listener(client), name="mitherm-mqtt-listener")
         try:
@@ -693,7 +899,7 @@ class MqttPublisher:
     async def _listener(self, client: aiomqtt.Client) -> None:
         async for message in client.messages:
             if message.topic.matches(self.settings.ha_status_topic) and message.payload in (b"online", "online"):
-                log.info("mqtt: Home Assistant is online: announcing %d devices", len(self._discovery))
+                log.info("mqtt: Home Assistant is online: announcing %d devices", len(self._devices))
                 self.announce_all()
 
     async def _sender(self, client: aiomqtt.Client) -> None:
@@ -711,24 +917,108 @@ class MqttPublisher:
                 await asyncio.wait_for(self._wake.wait(), timeout=timeout)
 
     async def _send_due(self, client: aiomqtt.Client, flush_all: bool = False) -> float | None:
-        """Publish the messages that are due; return the monotonic time of the next one (or None)."""
+        """Publish the messages that are due (discovery, then availability, then states; each in queue
+        order); return the time of the next one by the publisher's clock (or None)."""
         now = self._clock()
-        ready = sorted((m for m in self._due.values() if flush_all or m.due <= now), key=lambda m: (m.prio, m.seq))
-        for m in ready:
-            await client.publish(m.topic, m.materialize(), qos=self.settings.qos, retain=m.retain, timeout=10.0)
-            self.published += 1
-            if self._due.get(m.topic) is m:
-                del self._due[m.topic]
-            if m.on_disk:
-                try:
-                    self._outbox.delete(m)
-                except sqlite3.Error as e:
-                    log.warning("mqtt: cannot update the outbox %s: %s", self._outbox.path, e)
-            if m.prio == _PRIO_STATE and m.mac is not None:
-                self._last_pub[m.mac] = now
-                if m.signature is not None:
-                    self._last_sig[m.mac] = m.signature
-        return min((m.due for m in self._due.values()), default=None)
+        heap = self._heap
+        if flush_all:
+            ready = [m for m in self._due.values() if not m.sending]
+        else:
+            ready = []
+            valid = self._valid
+            while heap and heap[0][0] <= now:
+                entry = heapq.heappop(heap)
+                if valid(entry):
+                    ready.append(entry[2])
+        if ready:
+            ready.sort(key=_send_order)
+            await self._publish(client, ready, now)
+        if flush_all:
+            self._rebuild_schedule()
+        heap = self._heap
+        while heap and not self._valid(heap[0]):
+            heapq.heappop(heap)
+        return heap[0][0] if heap else None
+
+    async def _publish(self, client: aiomqtt.Client, ready: list[_Msg], now: float) -> None:
+        """Publish ``ready`` in this order with up to SEND_WINDOW unacknowledged QoS 1 publishes in flight (a
+        sliding window: a new one goes out as soon as one is acknowledged; the broker receives them in order).
+        A message replaced meanwhile is skipped: its replacement is scheduled on its own."""
+        qos = self.settings.qos
+        due = self._due
+        loop = asyncio.get_running_loop()
+        slots = asyncio.Semaphore(SEND_WINDOW)
+        inflight: dict[asyncio.Task[None], _Msg] = {}
+        failures: list[Exception] = []
+
+        async def one(m: _Msg, payload: bytes) -> None:
+            try:
+                # no per-call timeout (it costs a task per message in Python 3.11): see `deadline` below
+                await client.publish(m.topic, payload, qos=qos, retain=m.retain, timeout=math.inf)
+            except Exception as e:
+                failures.append(e)
+            else:
+                self._delivered(m)
+            finally:
+                m.sending = False
+                slots.release()
+
+        try:
+            # the connection is broken when no publish is acknowledged within PUBLISH_TIMEOUT
+            async with asyncio.timeout(None) as deadline:
+                for m in ready:
+                    if due.get(m.topic) is not m or m.sending:
+                        continue
+                    if slots.locked():
+                        deadline.reschedule(loop.time() + PUBLISH_TIMEOUT)
+                        await slots.acquire()
+                        deadline.reschedule(None)
+                    else:
+                        await slots.acquire()  # does not suspend
+                    if failures:
+                        break
+                    if len(self._delivered_on_disk) >= OUTBOX_FLUSH_TOPICS:  # a long backlog: keep the file small
+                        self._delete_delivered_logged()
+                    if due.get(m.topic) is not m:  # replaced while waiting for a slot
+                        slots.release()
+                        continue
+                    m.sending = True
+                    task = loop.create_task(one(m, m.materialize()))
+                    inflight[task] = m
+                    if m.prio == _PRIO_STATE and m.mac is not None:
+                        # the rate limit counts from here (a state queued while this one is in flight waits)
+                        dev = self._devices.get(m.mac)
+                        if dev is not None:
+                            dev.last_pub = now
+                            if m.signature is not None:
+                                dev.last_sig = m.signature
+                    task.add_done_callback(inflight.pop)
+                if inflight and not failures:
+                    deadline.reschedule(loop.time() + PUBLISH_TIMEOUT)
+                    await asyncio.wait(list(inflight))
+        except TimeoutError:
+            raise aiomqtt.MqttError(f"no acknowledgement from the broker within {PUBLISH_TIMEOUT:.0f} s") from None
+        finally:
+            for task, m in list(inflight.items()):
+                task.cancel()
+                m.sending = False
+            self._delete_delivered_logged()
+        if failures:
+            raise failures[0]
+
+    def _delivered(self, m: _Msg) -> None:
+        """The broker acknowledged ``m``."""
+        self.published += 1
+        topic = m.topic
+        due = self._due
+        current = due.get(topic)
+        if current is m:
+            del due[topic]
+            current = None
+        if topic in self._disk_topics and (current is None or not current.on_disk):
+            # the row holds this payload or an older one: delivered (a newer waiting one is written on its own)
+            self._disk_topics.discard(topic)
+            self._delivered_on_disk.append(topic)
 
     async def wait_connected(self, timeout: float | None = None) -> None:
         await asyncio.wait_for(self._connected.wait(), timeout)
