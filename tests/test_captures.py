@@ -8,9 +8,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import mitherm.captures as captures_module
 from mitherm.captures import (
     CaptureError,
     JsonlWriter,
+    _adv_from_json,
+    _write_jsonl_line_json,
     build_ad_structures,
     build_le_adv_report,
     parse_ad_structures,
@@ -22,6 +25,7 @@ from mitherm.captures import (
     write_jsonl_line,
 )
 from mitherm.model import Advertisement
+from mitherm.sources.capture_source import CaptureSource
 
 MAC = "A4:C1:38:12:34:56"
 MAC_LE = bytes.fromhex("56341238c1a4")
@@ -451,3 +455,330 @@ def test_read_capture_dispatch_and_errors(tmp_path) -> None:
         read_capture(junk)
     with pytest.raises(CaptureError, match="cannot open capture"):
         read_capture(tmp_path / "missing.log")
+
+
+# ------------------------------------------------------------------ the fast JSON Lines paths
+
+any_text = st.text(max_size=12)  # quotes, backslashes, control characters, non-ASCII, lone surrogates
+json_floats = st.floats(allow_nan=False) | st.integers(0, 4_102_444_800_000_000).map(lambda us: us / 1_000_000)
+
+
+@st.composite
+def any_advertisements(draw) -> Advertisement:
+    """Field values of every kind a source may hand over, not only what mitherm's own sources make."""
+    return Advertisement(
+        mac=draw(macs | macs.map(str.lower)),
+        time=draw(json_floats),
+        service_data=draw(st.dictionaries(st.integers(0, 0xFFFF), st.binary(max_size=24), max_size=3)),
+        rssi=draw(st.none() | st.integers(-128, 127) | st.integers(-(10**6), 10**6)),
+        name=draw(st.none() | any_text),
+        address_type=draw(st.sampled_from([None, "public", "random"])),
+        manufacturer_data=draw(st.dictionaries(st.integers(0, 0xFFFF), st.binary(max_size=12), max_size=2)),
+        source=draw(any_text),
+    )
+
+
+class NamedStringIO(io.StringIO):
+    name = "cap.jsonl"
+
+
+def validating(text: str, **kw) -> list[Advertisement]:
+    """A text stream takes the validating path only (json per line)."""
+    return list(read_jsonl(NamedStringIO(text), **kw))
+
+
+def fast(text: str, **kw) -> list[Advertisement]:
+    f = io.BytesIO(text.encode("utf-8", errors="surrogatepass"))
+    f.name = "cap.jsonl"
+    return list(read_jsonl(f, **kw))
+
+
+def same(a: list[Advertisement], b: list[Advertisement]) -> bool:
+    return [repr(x) for x in a] == [repr(x) for x in b]  # repr: -0.0 vs 0.0 and the float's exact digits
+
+
+def surrogate_free(adv: Advertisement) -> bool:
+    return not any(0xD800 <= ord(c) <= 0xDFFF for c in (adv.name or "") + adv.source)
+
+
+@settings(max_examples=300)
+@given(advs=st.lists(any_advertisements().filter(surrogate_free), min_size=1, max_size=6))
+def test_fast_reader_equals_the_validating_path(advs: list[Advertisement]) -> None:
+    lines = [write_jsonl_line(a) for a in advs]
+    text = "".join(line + "\n" for line in lines * 2)  # the second sighting takes the cached pieces
+    expected = [_adv_from_json(json.loads(line), None) for line in lines] * 2
+    assert same(validating(text), expected)
+    assert same(fast(text), expected)
+    assert same(fast(text, source="over"), validating(text, source="over"))
+    assert same(fast(text, default_source="dflt"), validating(text, default_source="dflt"))
+
+
+def test_fast_reader_takes_the_fast_path(monkeypatch) -> None:
+    lines = [
+        write_jsonl_line(Advertisement(MAC, 1718000000.0 + i / 64, {0xFE95: bytes([i]) * 12}, -60 - i, "LYWSD03MMC"))
+        for i in range(50)
+    ]
+    lines[1::2] = [line.replace(MAC, "A4:C1:38:00:00:01") for line in lines[1::2]]
+    expected = validating("\n".join(lines))
+    decoded = []
+    real = captures_module._RAW_DECODE
+    monkeypatch.setattr(captures_module, "_RAW_DECODE", lambda text: decoded.append(text) or real(text))
+    assert same(fast("".join(line + "\n" for line in lines)), expected)
+    assert len(decoded) <= 2  # the first line of each device teaches the pieces; the rest go without json
+
+
+@settings(max_examples=300)
+@given(
+    head=st.integers(0, 10**16 - 1) | st.integers(0, 10),
+    frac=st.text(alphabet="0123456789", min_size=1, max_size=19),
+)
+def test_fast_reader_time_is_the_json_float(head: int, frac: str) -> None:
+    line = write_jsonl_line(Advertisement(MAC, 1.5, {0x181A: b"\x01"}, -1)).replace(
+        '"time":1.5', f'"time":{head}.{frac}'
+    )
+    (a, b) = fast(line + "\n" + line + "\n")
+    assert repr(a.time) == repr(b.time) == repr(json.loads(line)["time"])
+
+
+NON_CANONICAL = [
+    '{"time": 1718000000.5, "mac": "A4:C1:38:12:34:56", "service_data": {"fe95": "3058"}}',  # spaces
+    '{"mac":"A4:C1:38:12:34:56","time":1718000000.5,"service_data":{"fe95":"3058"}}',  # key order
+    '{"time":1718000000.5,"mac":"A4:C1:38:12:34:56","address_type":"public","rssi":-60,"name":"a\\"b\\\\c\\u00e9",'
+    '"service_data":{"fe95":"3058"},"manufacturer_data":{},"source":"hci0"}',  # escapes in the name
+    '{"time":1718000000,"mac":"a4c138123456","address_type":null,"rssi":null,"name":null,'
+    '"service_data":{"0xFE95":"30 58","181a":""},"manufacturer_data":{"0x038f":"01","76":"02"},"source":null}',
+    '{"time":1.5e-05,"mac":"A4:C1:38:12:34:56","address_type":"public","rssi":-60,"name":null,'
+    '"service_data":{"fe95":"3058"},"manufacturer_data":{},"source":"s","extra":1}',
+    '{"time":1718000000.5,"mac":"A4:C1:38:12:34:56","address_type":"public","rssi":-60,"name":null,'
+    '"service_data":{"fe95":"01","181a":"02","FE95":"03","fe95":"04"},"manufacturer_data":{},"source":"s"}',
+    '{"time":1718000000.5,"mac":"A4:C1:38:12:34:56","address_type":"public","rssi":-60,"name":"x",'
+    '"service_data":{},"manufacturer_data":{"911":"0102"},"source":"s"}',
+]
+
+
+@pytest.mark.parametrize("odd", NON_CANONICAL)
+def test_non_canonical_line_in_the_middle_of_a_file(odd: str, monkeypatch) -> None:
+    monkeypatch.setattr(captures_module, "_CHUNK", 97)  # many chunks, lines across their boundaries
+    good = [
+        write_jsonl_line(Advertisement(MAC, 1718000000.25 + i, {0xFE95: b"\x30\x58"}, -70, source="p"))
+        for i in range(6)
+    ]
+    # twice in the middle (the second time from cached pieces), and last with CRLF
+    text = "\n".join([*good[:3], odd, *good[3:5], odd, good[5], odd]) + "\r\n"
+    advs = fast(text)
+    assert len(advs) == 9
+    assert same(advs, validating(text))
+    assert same([advs[3], advs[6], advs[8]], [_adv_from_json(json.loads(odd), None)] * 3)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        '{"time":1718000000.5,"mac":"A4:C1:38:12:34:5G","address_type":"public","rssi":-60,"name":null,'
+        '"service_data":{"fe95":"3058"},"manufacturer_data":{},"source":"s"}',
+        '{"time":1718000000.5,"mac":"A4:C1:38:12:34:56","address_type":"static","rssi":-60,"name":null,'
+        '"service_data":{"fe95":"3058"},"manufacturer_data":{},"source":"s"}',
+        '{"time":1718000000.5,"mac":"A4:C1:38:12:34:56","address_type":"public","rssi":-60,"name":null,'
+        '"service_data":{"fe95":"305"},"manufacturer_data":{},"source":"s"}',
+        '{"time":1718000000.5,"mac":"A4:C1:38:12:34:56","address_type":"public","rssi":-60,"name":null,'
+        '"service_data":{"12345":"3058"},"manufacturer_data":{},"source":"s"}',
+        '{"time":1718000000.5,"mac":"A4:C1:38:12:34:56","address_type":"public","rssi":-6.5,"name":null,'
+        '"service_data":{"fe95":"3058"},"manufacturer_data":{},"source":"s"}',
+        '{"time":1718000000.5,"mac":"A4:C1:38:12:34:56","address_type":"public","rssi":-60,"name":null,'
+        '"service_data":{"fe95":"3058"},"manufacturer_data":{"70000":"01"},"source":"s"}',
+        '{"time":01718000000.5,"mac":"A4:C1:38:12:34:56","address_type":"public","rssi":-60,"name":null,'
+        '"service_data":{"fe95":"3058"},"manufacturer_data":{},"source":"s"}',
+        '{"time":1718000000.5,"mac":"A4:C1:38:12:34:56","address_type":"public","rssi":-60,"name":"\x01",'
+        '"service_data":{"fe95":"3058"},"manufacturer_data":{},"source":"s"}',
+        '{"time":1718000000.5,"mac":"A4:C1:38:12:34:56","address_type":"public","rssi":-60,"name":null,'
+        '"service_data":{"fe95":"3058"},"manufacturer_data":{},"source":"s"} x',
+        '{"time":' + "9" * 400 + ',"mac":"A4:C1:38:12:34:56"}',  # was an OverflowError traceback
+        "{not json",
+    ],
+)
+def test_bad_line_error_names_file_and_line(bad: str, monkeypatch) -> None:
+    monkeypatch.setattr(captures_module, "_CHUNK", 128)
+    good = write_jsonl_line(Advertisement(MAC, 1718000000.5, {0xFE95: b"\x30\x58"}, -60, source="s"))
+    text = "\n".join([good] * 5 + ["", bad, good, bad]) + "\n"
+    with pytest.raises(CaptureError) as fast_error:
+        fast(text)
+    with pytest.raises(CaptureError) as slow_error:
+        validating(text)
+    assert str(fast_error.value) == str(slow_error.value)
+    assert str(fast_error.value).startswith("cap.jsonl:7: not a mitherm capture record: ")
+    assert type(fast_error.value.__cause__) is type(slow_error.value.__cause__)
+    assert same(fast(text, errors="skip"), validating(text, errors="skip"))
+    assert len(fast(text, errors="skip")) == 6
+
+
+def test_bad_utf8_is_reported_like_before(tmp_path) -> None:
+    good = write_jsonl_line(Advertisement(MAC, 1.5, {0xFE95: b"\x30"}, -60, "ATC", source="s")).encode()
+    p = tmp_path / "u.jsonl"
+    p.write_bytes(b"\n".join([good, good, good.replace(b"ATC", b"AT\xff"), good]) + b"\n")
+    with pytest.raises(CaptureError, match=r"u\.jsonl:3: not a mitherm capture record: 'utf-8' codec"):
+        list(read_capture(p))
+
+
+def test_reader_from_a_trickling_stream() -> None:
+    """A pipe (``capture:-``) hands over what it has: lines arrive in pieces, one may be longer than a chunk."""
+    advs = [
+        Advertisement(MAC, 1718000000.5 + i, {0xFE95: bytes(range(i % 7))}, -50, "n" * (i * 40), source="s")
+        for i in range(40)
+    ]
+    data = "".join(write_jsonl_line(a) + "\n" for a in advs).encode()
+
+    class Pipe(io.RawIOBase):
+        def __init__(self) -> None:
+            self.pos = 0
+
+        def readable(self) -> bool:
+            return True
+
+        def readinto(self, b) -> int:
+            n = min(len(b), 1 + self.pos % 53, len(data) - self.pos)
+            b[:n] = data[self.pos : self.pos + n]
+            self.pos += n
+            return n
+
+    assert list(read_jsonl(io.BufferedReader(Pipe(), buffer_size=64))) == advs
+
+
+def test_default_source_names_the_records_without_one(tmp_path) -> None:
+    p = tmp_path / "c.jsonl"
+    own = Advertisement(MAC, 1.5, {0xFE95: b"\x30"}, -60, source="proxy0")
+    none = Advertisement(MAC, 2.5, {0xFE95: b"\x30"}, -60, source="")
+    lines = [write_jsonl_line(a) for a in (own, none, own, none)]
+    lines.append(json.dumps({"time": 3.5, "mac": MAC, "source": None}))
+    lines.append(json.dumps({"time": 4.5, "mac": MAC}))
+    p.write_text("\n".join(lines) + "\n")
+    assert [a.source for a in read_capture(p, default_source="capture:c.jsonl")] == [
+        "proxy0",
+        "capture:c.jsonl",
+        "proxy0",
+        "capture:c.jsonl",
+        "capture:c.jsonl",
+        "capture:c.jsonl",
+    ]
+    assert [a.source for a in read_capture(p)] == ["proxy0", "", "proxy0", "", "", ""]
+    assert {a.source for a in read_capture(p, source="o", default_source="d")} == {"o"}
+    snoop = tmp_path / "s.log"
+    write_btsnoop(snoop, [own])
+    assert [a.source for a in read_capture(snoop, default_source="d")] == ["s.log"]
+
+
+async def test_capture_source_keeps_receivers_and_names_the_rest(tmp_path) -> None:
+    p = tmp_path / "c.jsonl"
+    advs = [Advertisement(MAC, 1.5 + i, {0xFE95: b"\x30"}, -60, source="proxy0" if i % 3 else "") for i in range(4500)]
+    p.write_text("".join(write_jsonl_line(a) + "\n" for a in advs))
+    got: list[Advertisement] = []
+    await CaptureSource(str(p)).run(got.append)
+    assert [a.source for a in got] == [a.source or "capture:c.jsonl" for a in advs]
+    assert [a.time for a in got] == [a.time for a in advs]
+
+
+# ------------------------------------------------------------------ the fast JSON Lines writer
+
+
+class Color(int):
+    pass
+
+
+odd_values = st.sampled_from([True, False, 1.0, Color(3), "x", None, b"\x01", bytearray(b"\x02"), memoryview(b"\x03")])
+
+
+@st.composite
+def odd_advertisements(draw) -> Advertisement:
+    """Mostly ordinary records, with here and there a value of another type than annotated."""
+    adv = draw(any_advertisements())
+    fields = {f: getattr(adv, f) for f in adv.__slots__}
+    if draw(st.booleans()):
+        fields["time"] = draw(st.floats() | st.integers(-(10**20), 10**20) | odd_values)
+    if draw(st.booleans()):
+        field = draw(st.sampled_from(["mac", "rssi", "name", "address_type", "source"]))
+        fields[field] = draw(odd_values | any_text)
+    if draw(st.booleans()):
+        key = draw(st.integers(0, 0xFFFF) | odd_values.filter(lambda v: v.__hash__ is not None))
+        which = draw(st.sampled_from(["service_data", "manufacturer_data"]))
+        fields[which] = {**fields[which], key: draw(odd_values | st.binary(max_size=4))}
+    return Advertisement(**fields)
+
+
+def outcome(fn, adv: Advertisement) -> object:
+    try:
+        return fn(adv)
+    except Exception as e:  # the same error too
+        return type(e), str(e)
+
+
+@settings(max_examples=500)
+@given(adv=any_advertisements() | odd_advertisements())
+def test_writer_is_byte_identical_to_json_dumps(adv: Advertisement) -> None:
+    assert outcome(write_jsonl_line, adv) == outcome(_write_jsonl_line_json, adv)
+    assert outcome(write_jsonl_line, adv) == outcome(_write_jsonl_line_json, adv)  # from the cached pieces
+
+
+@pytest.mark.parametrize("t", [float("nan"), float("inf"), float("-inf"), -0.0, 1e16, 1e-7, 1718000000.0, 5])
+def test_writer_special_times(t: float) -> None:
+    adv = Advertisement(MAC, t, {0xFE95: b"\x30"}, -60, 'q"\\\n\x00é\u2028', source="s")
+    assert write_jsonl_line(adv) == write_jsonl_line(adv) == _write_jsonl_line_json(adv)
+
+
+# ------------------------------------------------------------------ btsnoop: the one-report path
+
+
+def reference_btsnoop(raw: bytes, datalink: int, source: str) -> list[Advertisement]:
+    """The btsnoop layout read record by record, each event through parse_hci_event."""
+    out = []
+    pos = 16
+    while pos + 24 <= len(raw):
+        _orig, incl, flags, _drops, ts = struct.unpack_from(">IIIIq", raw, pos)
+        data = raw[pos + 24 : pos + 24 + incl]
+        if len(data) < incl:
+            break
+        pos += 24 + incl
+        if datalink == 1002:
+            if not data or data[0] != 4:
+                continue
+            data = data[1:]
+        elif (datalink == 2001 and flags & 0xFFFF != 3) or (datalink == 1001 and flags & 3 != 3):
+            continue
+        out.extend(parse_hci_event(data, (ts - 0x00DCDDB30F2F8000) / 1_000_000, source))
+    return out
+
+
+@settings(max_examples=300)
+@given(
+    advs=st.lists(advertisements(), min_size=1, max_size=4),
+    datalink=st.sampled_from([1001, 1002, 2001]),
+    edits=st.lists(st.tuples(st.integers(16, 10**6), st.integers(0, 255), st.booleans()), max_size=3),
+    cut=st.integers(0, 40),
+)
+def test_btsnoop_reader_equals_parse_hci_event(advs, datalink, edits, cut) -> None:
+    buf = io.BytesIO()
+    write_btsnoop(buf, advs, datalink=datalink)
+    raw = bytearray(buf.getvalue())
+    for at, value, delete in edits:  # damaged bytes: lengths, counts, subevents …
+        at = 16 + at % (len(raw) - 16)
+        if delete:
+            del raw[at]
+        else:
+            raw[at] = value
+    raw = bytes(raw[: len(raw) - cut])
+    assert list(read_btsnoop(io.BytesIO(raw), source="x")) == reference_btsnoop(raw, datalink, "x")
+
+
+SHORT_PARAMS = bytes([LEGACY[0], LEGACY[1] - 1]) + LEGACY[2:]  # claims one byte less: the rssi is outside
+LONG_PARAMS = bytes([LEGACY[0], LEGACY[1] + 1]) + LEGACY[2:]  # claims one byte more than the record has
+LONG_DATA = LEGACY[:12] + bytes([LEGACY[12] + 1]) + LEGACY[13:]  # data length reaching over the rssi
+
+
+@pytest.mark.parametrize(
+    "event",
+    [LEGACY, SHORT_PARAMS, LONG_PARAMS, LONG_DATA, LEGACY[:13], LEGACY[:12], LEGACY + b"\x00\x00", EXTENDED],
+)
+@pytest.mark.parametrize("datalink", [1001, 1002, 2001])
+def test_btsnoop_malformed_events_like_parse_hci_event(event: bytes, datalink: int) -> None:
+    data = b"\x04" + event if datalink == 1002 else event
+    raw = btsnoop(datalink, [(3, Y2K_US, data), (3, Y2K_US + 1, b"\x04" + LEGACY if datalink == 1002 else LEGACY)])
+    assert list(read_btsnoop(io.BytesIO(raw), source="x")) == reference_btsnoop(raw, datalink, "x")
+    assert len(reference_btsnoop(raw, datalink, "x")) == 1 + (event in (LEGACY, LEGACY + b"\x00\x00", EXTENDED))

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import replace
+from itertools import islice
 from pathlib import Path
 
 from . import Emit, SourceError
@@ -34,23 +34,26 @@ class CaptureSource:
     async def run(self, emit: Emit) -> None:
         from ..captures import CaptureError, read_capture
 
-        start_wall = time.monotonic()
-        start_cap: float | None = None
-        n = 0
         try:
-            name = self.name
-            for adv in read_capture(self.path):
-                if not adv.source:
-                    adv = replace(adv, source=name)  # keep each record's receiver; the file name otherwise
-                if self.speed is not None:
-                    if start_cap is None:
-                        start_cap = adv.time
-                    due = (adv.time - start_cap) / self.speed - (time.monotonic() - start_wall)
-                    if due > 0:
-                        await asyncio.sleep(due)
-                emit(adv)
-                n += 1
-                if self.speed is None and n % 2000 == 0:
+            # each record keeps its own receiver; the ones that name none get the file name
+            advs = read_capture(self.path, default_source=self.name)
+            if self.speed is None:
+                while True:
+                    n = 0
+                    for adv in islice(advs, 2000):
+                        emit(adv)
+                        n += 1
+                    if n < 2000:
+                        return
                     await asyncio.sleep(0)  # let the sinks (MQTT, web) run during a fast replay
+            start_wall = time.monotonic()
+            start_cap: float | None = None
+            for adv in advs:
+                if start_cap is None:
+                    start_cap = adv.time
+                due = (adv.time - start_cap) / self.speed - (time.monotonic() - start_wall)
+                if due > 0:
+                    await asyncio.sleep(due)
+                emit(adv)
         except CaptureError as e:
             raise SourceError(str(e)) from e
