@@ -239,7 +239,12 @@ def main() -> int:
             from mitherm.history import History
 
             with History(work / "history.sqlite3") as h:
-                rows = h._db.execute("SELECT count(*) FROM readings").fetchone()[0]
+                tables = {r[0] for r in h._db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+                sql = (  # schema 2 packs raw values into chunks; schema 1 had one row per value
+                    "SELECT coalesce(sum(nv), 0) FROM raw_chunks" if "raw_chunks" in tables
+                    else "SELECT count(*) FROM readings"
+                )  # fmt: skip
+                rows = h._db.execute(sql).fetchone()[0]
         finally:
             if broker is not None:
                 from mqtt_broker import stop_mosquitto
@@ -260,7 +265,7 @@ def main() -> int:
                 f"{s.duplicates:,} / {s.decoded:,} / {s.replayed:,} / {s.failed:,}",
             ),
             ("devices in state", f"{len(gw.devices)}"),
-            ("history rows", f"{rows:,}"),
+            ("history values stored", f"{rows:,}"),
             ("MQTT", mqtt_url or "off"),
             ("service wall time", f"{res['wall']:.1f} s"),
             ("service CPU time (process)", f"{res['cpu']:.1f} s"),

@@ -168,6 +168,42 @@ def test_idle_frames_produce_nothing() -> None:
     assert gw.stats.decoded == 0 and gw.stats.failed == 0
 
 
+def test_idle_fast_path_gives_the_same_states_as_decoding_every_frame() -> None:
+    """Repeated idle MiBeacon headers skip the decoder; the states must be exactly those of the slow path,
+    including devices whose idle header changes (another product id, a MAC that does not match the sender,
+    a capability byte) and a truncated idle frame."""
+    devs: list[Device] = [StockDevice(model, seed=f"fast-{model}") for model in ("LYWSD03MMC", "CGG1", "MHO-C401")]
+    devs += [PvvxDevice("mi", seed="fast-pvvx-mi"), BTHomeDevice(2, seed="fast-bthome")]
+    advs: list[Advertisement] = []
+    for d in devs:
+        for i, f in enumerate(d.frames(900.0)):
+            advs.append(Advertisement(d.address, T0 + f.t, {f.service_uuid: f.payload}, rssi=-50 - i % 30,
+                                      name=d.label, source=f"r{i % 3}"))  # fmt: skip
+    stock = devs[0]
+    p = next(
+        a.service_data[0xFE95]
+        for a in advs
+        if a.mac == stock.address and 0xFE95 in a.service_data and not a.service_data[0xFE95][0] & 0x40
+    )
+    odd = [
+        p[:2] + bytes([p[2] ^ 1]) + p[3:],  # another product id
+        p[:5] + bytes([p[5] ^ 0xFF]) + p[6:],  # a MAC that is not the sender's
+        p[:4],  # shorter than the header
+        p + b"\x00",  # one byte more
+    ]
+    for j, payload in enumerate(odd * 3):
+        advs.append(Advertisement(stock.address, T0 + 1000 + j, {0xFE95: payload}, rssi=-40, source="odd"))
+    advs.sort(key=lambda a: a.time)
+    keys = {d.address: d.bindkey for d in devs if d.bindkey}
+    fast, slow = Gateway(keys), Gateway(keys)
+    slow.idle_fast_path = False
+    for a in advs:
+        assert [(s.mac, r.values) for s, r in fast.handle(a)] == [(s.mac, r.values) for s, r in slow.handle(a)]
+    assert fast._idle, "the fast path was never taken"
+    assert {m: st.to_json() for m, st in fast.devices.items()} == {m: st.to_json() for m, st in slow.devices.items()}
+    assert fast.stats == slow.stats
+
+
 # --- replay protection ------------------------------------------------------------------------------------
 
 

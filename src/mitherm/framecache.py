@@ -21,6 +21,10 @@ class Frame:
     name: str | None = None
 
 
+def _frame_time(f: Frame) -> float:
+    return f.time
+
+
 class FrameCache:
     """Recent frames per device (``per_device`` of any kind plus the last ``data_per_device`` frames that
     carry data, so that the idle frames of a stock sensor do not push its few data frames out); at most
@@ -76,9 +80,21 @@ class FrameCache:
 
     def advertisements(self) -> Iterator[Advertisement]:
         """Every cached frame as an Advertisement (for a snapshot file the doctor can read)."""
-        for mac in list(self._frames):
-            name = self._names.get(mac)
-            for f in self.frames(mac):
+        return self.snapshot_advertisements(self.snapshot())
+
+    def snapshot(self) -> list[tuple[str | None, list[Frame], list[Frame]]]:
+        """A copy of the cache that stays valid while the cache goes on: per device its name, its recent and its
+        data frames (references to the immutable frames, so cheap to take on the event loop; turn it into
+        advertisements in another thread with :meth:`snapshot_advertisements`)."""
+        names, data = self._names, self._data
+        return [(names.get(mac), list(ring), list(data[mac])) for mac, ring in self._frames.items()]
+
+    @staticmethod
+    def snapshot_advertisements(snap: list[tuple[str | None, list[Frame], list[Frame]]]) -> Iterator[Advertisement]:
+        for name, ring, data in snap:
+            merged = {id(f): f for f in data}
+            merged.update((id(f), f) for f in ring)
+            for f in sorted(merged.values(), key=_frame_time):
                 yield Advertisement(
                     mac=f.mac,
                     time=f.time,
