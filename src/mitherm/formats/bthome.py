@@ -262,6 +262,15 @@ def _walk_v1(data: bytes, start: int, end: int, r: Reading, strict: bool) -> Dec
             return _cut(r, strict, data[i + 1] if i + 1 < end else 0)
         oid = data[i + 1]
         chunk = data[i + 2 : i + 1 + ln]
+        num = _NUMERIC[oid]
+        if num is not None and fmt < 2:  # an unsigned (0) or signed (1) integer of a numeric type: most objects
+            r.objects.append((oid, chunk))
+            v = _from_bytes(chunk, "little", signed=fmt == 1)
+            if num[3] != 1.0:
+                v = round(v * num[3], num[4])
+            put(values, num[0], v)
+            i += 1 + ln
+            continue
         t = OBJECTS.get(oid)
         if t is None:
             r.note = f"unknown BTHome object id 0x{oid:02X} skipped"
