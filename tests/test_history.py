@@ -39,7 +39,7 @@ def test_schema_and_pragmas(tmp_path):
     assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert con.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-    assert {"devices", "readings", "hourly", "state"} <= tables
+    assert {"devices", "quantities", "qsets", "raw_chunks", "hourly", "state"} <= tables
     con.execute("PRAGMA user_version = 99")
     con.commit()
     con.close()

@@ -109,27 +109,31 @@ MAX_PENDING_VALUES = 20_000
 
 
 class HistorySink:
+    """Numeric values of the decoded readings into the history (``packet_id``/``flags`` and booleans are not
+    history). The history's background flusher writes them; when a replay at full speed outruns it, the sink
+    flushes inline once more than MAX_PENDING_VALUES are pending (back-pressure: memory stays bounded)."""
+
+    _NOT_HISTORY = frozenset(("packet_id", "flags"))
+
     def __init__(self, history: Any) -> None:
         self.history = history
         self._known: set[str] = set()
+        self._unchecked = 0  # values added since the sink last looked at history.pending
 
     def publish(self, state: DeviceState, reading: Reading) -> None:
-        if state.mac not in self._known:
-            self._known.add(state.mac)
-            self.history.upsert_device(
-                state.mac, name=state.name, model=state.model, format=state.format, ts=state.last_seen
-            )
-        values = {
-            k: v
-            for k, v in reading.values.items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("packet_id", "flags")
-        }
-        if values:
-            history = self.history
-            history.add(state.mac, state.last_seen, values)
-            if history.pending > MAX_PENDING_VALUES:
-                # back-pressure: a replay at full speed can outrun the background flusher; keep memory bounded
-                history.flush()
+        mac = state.mac
+        if mac not in self._known:
+            self._known.add(mac)
+            self.history.upsert_device(mac, name=state.name, model=state.model, format=state.format, ts=state.last_seen)
+        n = self.history.add_measurements(mac, state.last_seen, reading.values, self._NOT_HISTORY)
+        if n:
+            # pending counts the buffer: look at it every quarter of the limit, not at every reading
+            self._unchecked += n
+            if self._unchecked > MAX_PENDING_VALUES // 4:
+                self._unchecked = 0
+                history = self.history
+                if history.pending > MAX_PENDING_VALUES:
+                    history.flush()
 
 
 class MqttSink:
@@ -238,10 +242,12 @@ class Service:
 
             writer = JsonlWriter(self.capture_path)
 
-        def emit(adv: Any) -> None:
-            if writer is not None:
+        emit: Any = gw.handle  # the hot path: one call per advertisement
+        if writer is not None:
+
+            def emit(adv: Any) -> None:
                 writer.write(adv)
-            gw.handle(adv)
+                gw.handle(adv)
 
         src_tasks = [asyncio.create_task(s.run(emit), name=f"source:{s.name}") for s in sources]
         try:
@@ -299,18 +305,21 @@ class Service:
             n += 1
             self._save_counters()  # replay protection must survive a kill -9: at most a second behind
             if n % 10 == 0 and self.gateway is not None:
-                frames = list(self.gateway.cache.advertisements())  # on the loop: the cache is not locked
-                await asyncio.to_thread(self._save_frames, frames)
+                snap = self.gateway.cache.snapshot()  # on the loop (the cache is not locked); cheap: references
+                await asyncio.to_thread(self._save_frames, snap)
             if n % 3600 == 0:
                 await asyncio.to_thread(self.history.prune, self.cfg.raw_days)
 
-    def _save_frames(self, frames: list[Any] | None = None) -> None:
+    def _save_frames(self, snap: list[Any] | None = None) -> None:
         """Snapshot the recent-frame cache so that `mitherm doctor --mac … --key …` answers at once."""
         if self.gateway is None or not self.frames_snapshot:
             return
-        if frames is None:
-            frames = list(self.gateway.cache.advertisements())
         from .captures import write_jsonl_line
+        from .framecache import FrameCache
+
+        if snap is None:
+            snap = self.gateway.cache.snapshot()
+        frames = FrameCache.snapshot_advertisements(snap)  # one advertisement at a time: no big list
 
         path = Path(self.frames_snapshot)
         tmp = path.with_name(f".{path.name}.tmp")
