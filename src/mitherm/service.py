@@ -143,7 +143,7 @@ class MqttSink:
 
     def publish(self, state: DeviceState, reading: Reading) -> None:
         res = self.publisher.publish_state(state)
-        if inspect.isawaitable(res):
+        if res is not None and inspect.isawaitable(res):  # an async publisher (tests, plug-ins)
             t = asyncio.ensure_future(res)
             self._tasks.add(t)
             t.add_done_callback(self._tasks.discard)
