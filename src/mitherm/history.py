@@ -229,7 +229,7 @@ class History:
             self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None, timeout=30.0)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.execute("PRAGMA cache_size=-16384")  # 16 MiB
+            self._db.execute("PRAGMA cache_size=-4096")  # 4 MiB: bounded memory on a Pi; chunks keep writes local
             self._migrate()
         except sqlite3.DatabaseError as e:
             raise HistoryError(f"cannot open history database {self.path}: {e}") from e
