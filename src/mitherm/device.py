@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from .protocols.miauth import CONTROL_UUID, DATA_UUID, FINAL_EVENTS, Event, Failed, Write
+from .protocols.pvvx import HW_IDS  # the one hardware-id table (firmware.md §3.4)
 
 if TYPE_CHECKING:
     from .gatt.link import GattLink
@@ -57,25 +58,6 @@ REFUSES_ACTIVATION: dict[str, str] = {
 }
 #: pvvx config byte 0 bits 0-1 (firmware.md §1.4), named as the decoder names the formats
 PVVX_ADV_FORMATS = ("atc1441", "pvvx", "mibeacon_v5", "bthome_v2")
-#: pvvx hardware ids (firmware.md §3.4)
-PVVX_HW_IDS: dict[int, str] = {
-    0: "LYWSD03MMC B1.4",
-    1: "MHO-C401 (old)",
-    2: "CGG1-M 2020/21",
-    3: "LYWSD03MMC B1.9",
-    4: "LYWSD03MMC B1.6",
-    5: "LYWSD03MMC B1.7/B2.0",
-    6: "CGDK2",
-    7: "CGG1-M 2022",
-    8: "MHO-C401 2022 (N)",
-    9: "MJWSD05MMC ch",
-    10: "LYWSD03MMC B1.5",
-    11: "MHO-C122",
-    12: "MJWSD05MMC en",
-    13: "MJWSD06MMC",
-    14: "LYWSD03MMC B1.6-2025",
-    49: "LYWSD02MMC",
-}
 
 
 @dataclass(slots=True)
@@ -98,7 +80,7 @@ class DeviceIdentity:
 
     @property
     def hw_name(self) -> str | None:
-        return None if self.hw_id is None else PVVX_HW_IDS.get(self.hw_id, f"id {self.hw_id}")
+        return None if self.hw_id is None else HW_IDS.get(self.hw_id, f"id {self.hw_id}")
 
     def to_json(self) -> dict[str, Any]:
         return {

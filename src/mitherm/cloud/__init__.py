@@ -3,56 +3,7 @@
 :mod:`mitherm.cloud.crypto` holds the sans-I/O parts (RC4, nonces, signatures); :mod:`mitherm.cloud.client`
 the async HTTP client. The command line is :mod:`mitherm.commands.cloud`."""
 
-from .client import (
-    DEFAULT_ACCOUNT_URL,
-    DEFAULT_API_URL,
-    SERVERS,
-    AccountLocked,
-    ApiError,
-    Captcha,
-    CaptchaRequired,
-    CloudDevice,
-    CloudError,
-    CloudReport,
-    CloudSession,
-    Home,
-    LoginError,
-    NetworkError,
-    NotLoggedIn,
-    SessionExpired,
-    TwoFactorRequired,
-    Verification,
-    WrongCaptcha,
-    WrongCredentials,
-    WrongVerificationCode,
-    XiaomiCloud,
-    api_base,
-    default_session_path,
-)
+from . import client as _client
+from .client import *  # noqa: F403  (the public names are client's __all__, listed once there)
 
-__all__ = [
-    "DEFAULT_ACCOUNT_URL",
-    "DEFAULT_API_URL",
-    "SERVERS",
-    "AccountLocked",
-    "ApiError",
-    "Captcha",
-    "CaptchaRequired",
-    "CloudDevice",
-    "CloudError",
-    "CloudReport",
-    "CloudSession",
-    "Home",
-    "LoginError",
-    "NetworkError",
-    "NotLoggedIn",
-    "SessionExpired",
-    "TwoFactorRequired",
-    "Verification",
-    "WrongCaptcha",
-    "WrongCredentials",
-    "WrongVerificationCode",
-    "XiaomiCloud",
-    "api_base",
-    "default_session_path",
-]
+__all__ = list(_client.__all__)
